@@ -1,0 +1,65 @@
+"""DeiT-style hard distillation (Touvron et al., 2021), as the paper trains it.
+
+The student is timm's IFormer built with `distillation=True` (a second,
+distillation head); in training it returns `(cls_logits, dist_logits)`, in eval
+the average of both heads. The loss is
+`(1 - alpha) * base(cls_logits, targets) + alpha * CE(dist_logits, argmax teacher(x))`
+with alpha = 0.5 in the paper.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TeacherError(ValueError):
+    """The teacher checkpoint does not fit the configured teacher network."""
+
+
+def load_teacher(arch: str, checkpoint: Path, num_classes: int) -> nn.Module:
+    """timm `arch` with weights from a local file (no hub download), frozen, eval mode."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise TeacherError(f"{checkpoint} does not exist or is not a file")
+    try:
+        teacher = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    except RuntimeError as err:  # unknown model name
+        raise TeacherError(f"unknown teacher architecture {arch!r}: {err}") from None
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TeacherError(f"{checkpoint} is not a loadable checkpoint ({type(err).__name__})") from None
+    state = obj
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise TeacherError(f"{checkpoint} holds no state dict")
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise TeacherError(f"{checkpoint} is not a {arch} with {num_classes} classes: {' '.join(first)}") from None
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+class HardDistillationLoss(nn.Module):
+    def __init__(self, base: nn.Module, teacher: nn.Module, alpha: float = 0.5):
+        super().__init__()
+        self.base = base
+        self.teacher = teacher
+        self.alpha = alpha
+
+    def forward(self, inputs: torch.Tensor, outputs, targets: torch.Tensor) -> torch.Tensor:
+        cls_logits, dist_logits = outputs
+        base_loss = self.base(cls_logits, targets)
+        with torch.no_grad():
+            teacher_labels = self.teacher(inputs).argmax(dim=1)
+        dist_loss = F.cross_entropy(dist_logits, teacher_labels)
+        return (1.0 - self.alpha) * base_loss + self.alpha * dist_loss

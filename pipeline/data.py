@@ -1,0 +1,314 @@
+"""Data: the `prepare` stage's listing/manifest, and the datasets training reads.
+
+Two sources, one output shape. `prepare` writes into `artifacts/prepare/`:
+  - `manifest.json`: class names, per-split counts, bad-image report and a
+    fingerprint of the file listing (later stages depend on this directory, so
+    DVC never rehashes a 1.28 M-file ImageNet tree on each `dvc repro`);
+  - `train.tsv`, `val.tsv`: `relative/path<TAB>class_index`, the exact samples;
+  - `images/` (embedded default only): the digits data set as PNG files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "val")
+
+
+# -- loading any image as RGB -------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert grayscale, palette, alpha, CMYK, 16-bit and float images to 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        if img.mode in ("I", "F") and hi <= 255 and lo >= 0:
+            lo, hi = 0.0, 255.0
+        scaled = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def check_image(path: Path, mode: str) -> str | None:
+    """None if the image is usable under `mode`, else the reason it is not."""
+    if mode == "none":
+        return None
+    try:
+        with Image.open(path) as img:
+            if mode == "header":
+                img.verify()
+            else:
+                img.load()
+                to_rgb(img)
+    except Exception as err:  # PIL raises many types for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+# -- the prepare stage ---------------------------------------------------------
+@dataclass
+class Listing:
+    root: Path
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+def _scan_class_dirs(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise PipelineError(f"data.root: {split_dir} is missing (expected <root>/train/<class>/* and <root>/val/<class>/*)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise PipelineError(f"data.root: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
+    return classes
+
+
+def _files(class_dir: Path):
+    """Image files below one class folder (recursively), as sorted DirEntry-like tuples."""
+    stack, out = [class_dir], []
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(Path(e.path))
+                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                    st = e.stat()
+                    out.append((e.path, st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def list_imagefolder(root: Path, verify: str, max_bad_fraction: float) -> Listing:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise PipelineError(f"data.root: {root} does not exist")
+    if not root.is_dir():
+        raise PipelineError(f"data.root: {root} is not a directory")
+    train_classes = _scan_class_dirs(root / "train")
+    val_classes = _scan_class_dirs(root / "val")
+    extra = sorted(set(val_classes) - set(train_classes))
+    if extra:
+        raise PipelineError(
+            f"data.root: {root / 'val'} has classes that train does not: {', '.join(extra[:5])}"
+            + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
+        )
+    index = {c: i for i, c in enumerate(train_classes)}
+    digest = hashlib.sha256()
+    samples: dict[str, list[tuple[str, int]]] = {}
+    bad: list[tuple[str, str]] = []
+    total = 0
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        rows = []
+        for c in classes:
+            for path, size, mtime in _files(root / split / c):
+                rel = os.path.relpath(path, root)
+                digest.update(f"{rel}\t{size}\t{mtime}\n".encode())
+                total += 1
+                reason = check_image(Path(path), verify)
+                if reason:
+                    bad.append((rel, reason))
+                else:
+                    rows.append((rel, index[c]))
+        if not rows:
+            raise PipelineError(f"data.root: {root / split} has no readable images")
+        samples[split] = rows
+    if total and len(bad) / total > max_bad_fraction:
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3])
+        raise PipelineError(
+            f"data.root: {len(bad)} of {total} images are unreadable "
+            f"({len(bad) / total:.1%} > data.max_bad_fraction {max_bad_fraction:.1%}); first: {shown}"
+        )
+    return Listing(root, train_classes, samples, bad, digest.hexdigest()[:16])
+
+
+def make_digits(out_dir: Path, image_size: int, val_fraction: float, seed: int) -> Listing:
+    """Write scikit-learn's bundled digits (1,797 real 8x8 scans) as PNGs, upsampled."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()  # ships inside scikit-learn: no network
+    idx = np.arange(len(digits.target))
+    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    classes = [str(c) for c in range(10)]
+    root = out_dir / "images"
+    digest = hashlib.sha256()
+    samples: dict[str, list[tuple[str, int]]] = {}
+    for split, ids in (("train", tr), ("val", va)):
+        rows = []
+        for i in sorted(ids):
+            label = int(digits.target[i])
+            rel = f"{split}/{label}/{i:04d}.png"
+            pixels = (digits.images[i] / 16.0 * 255.0).round().astype(np.uint8)
+            img = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BICUBIC)
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            img.save(root / rel)
+            digest.update(f"{rel}\t{pixels.tobytes().hex()}\n".encode())
+            rows.append((rel, label))
+        samples[split] = rows
+    return Listing(root, classes, samples, [], digest.hexdigest()[:16])
+
+
+def write_listing(listing: Listing, out_dir: Path, source: str, relative_root: bool) -> dict:
+    for split, rows in listing.samples.items():
+        with open(out_dir / f"{split}.tsv", "w") as f:
+            f.writelines(f"{rel}\t{label}\n" for rel, label in rows)
+    manifest = {
+        "source": source,
+        # digits images live inside the output directory; a real root is absolute.
+        "root": "images" if relative_root else str(listing.root),
+        "classes": listing.classes,
+        "num_classes": len(listing.classes),
+        "counts": {split: len(rows) for split, rows in listing.samples.items()},
+        "bad_images": {"count": len(listing.bad), "first": [p for p, _ in listing.bad[:10]]},
+        "fingerprint": listing.fingerprint,
+    }
+    return manifest
+
+
+# -- what training and evaluation read -----------------------------------------
+@dataclass
+class Prepared:
+    """The prepare stage's output, loaded."""
+
+    dir: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, dir: Path) -> "Prepared":
+        path = Path(dir) / "manifest.json"
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing; run the prepare stage first (dvc repro prepare)")
+        return cls(Path(dir), json.loads(path.read_text()))
+
+    @property
+    def root(self) -> Path:
+        r = Path(self.manifest["root"])
+        return r if r.is_absolute() else self.dir / r
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    def samples(self, split: str) -> list[tuple[str, int]]:
+        rows = []
+        with open(self.dir / f"{split}.tsv") as f:
+            for line in f:
+                rel, label = line.rstrip("\n").rsplit("\t", 1)
+                rows.append((rel, int(label)))
+        return rows
+
+
+class ImageListDataset:
+    """(image, label) from a prepared sample list; any image mode comes out RGB."""
+
+    def __init__(self, prepared: Prepared, split: str, transform=None):
+        self.root = prepared.root
+        self.samples = prepared.samples(split)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        rel, label = self.samples[i]
+        img = load_image(self.root / rel)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label
+
+
+def build_transforms(cfg, training: bool):
+    """timm's transform pipeline for the configured recipe (train or eval)."""
+    from timm.data import create_transform
+
+    a = cfg.aug
+    if training:
+        return create_transform(
+            cfg.data.image_size,
+            is_training=True,
+            scale=tuple(a.scale),
+            ratio=tuple(a.ratio),
+            hflip=a.hflip,
+            auto_augment=a.rand_augment,
+            interpolation=a.interpolation,
+            re_prob=a.re_prob,
+            re_mode="pixel",
+            re_count=1,
+        )
+    return create_transform(
+        cfg.data.image_size, is_training=False, interpolation=a.interpolation, crop_pct=a.crop_pct
+    )
+
+
+# -- the stage -----------------------------------------------------------------
+def check_prepare(cfg, root: Path) -> None:
+    if cfg.data.source == "imagefolder":
+        data_root = Path(cfg.data.root).expanduser()
+        if not data_root.is_dir():
+            raise PipelineError(f"data.root: {data_root} does not exist or is not a directory")
+        _scan_class_dirs(data_root / "train")
+        _scan_class_dirs(data_root / "val")
+
+
+def run_prepare(cfg, root: Path, _inputs, srun) -> None:
+    import shutil
+
+    import mlflow
+
+    from . import layout
+    from .tracking import write_manifest
+
+    out = layout.stage_dir("prepare", root)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    d = cfg.data
+    if d.source == "digits":
+        listing = make_digits(out, d.image_size, d.val_fraction, d.split_seed)
+    else:
+        listing = list_imagefolder(Path(d.root), d.verify, d.max_bad_fraction)
+    manifest = write_listing(listing, out, d.source, relative_root=d.source == "digits")
+    if listing.bad:
+        log.warning("skipped %d unreadable images; first: %s", len(listing.bad),
+                    "; ".join(f"{p} ({r})" for p, r in listing.bad[:5]))
+    log.info("%s: %d classes, %d train / %d val images, fingerprint %s", d.source,
+             manifest["num_classes"], manifest["counts"]["train"], manifest["counts"]["val"],
+             manifest["fingerprint"])
+    mlflow.log_metrics({"num_classes": manifest["num_classes"], "train_images": manifest["counts"]["train"],
+                        "val_images": manifest["counts"]["val"], "bad_images": len(listing.bad)})
+    mlflow.set_tag("iformer.data_fingerprint", manifest["fingerprint"])
+    mlflow.log_dict(manifest, "prepare/manifest.json")
+    if listing.bad:
+        mlflow.log_text("".join(f"{p}\t{r}\n" for p, r in listing.bad), "prepare/bad_images.tsv")
+    for split in SPLITS:
+        mlflow.log_artifact(str(out / f"{split}.tsv"), "prepare")
+    write_manifest("prepare", root, srun, **manifest)

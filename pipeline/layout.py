@@ -1,0 +1,43 @@
+"""Where each stage keeps its outputs, relative to the repository root.
+
+`dvc.yaml` names the same paths (a test keeps the two in step). Every stage owns
+`artifacts/<stage>/` and writes `artifacts/<stage>/manifest.json` last, so a
+manifest on disk means the stage finished; it carries the MLflow run id that
+produced the outputs, which is how a stage DVC restores from cache is linked
+into a later pipeline run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The classification path in pipeline order. Later issues append stages here.
+STAGES: tuple[str, ...] = ("prepare", "pretrain", "evaluate", "report")
+
+
+def repo_root() -> Path:
+    """The repository root: $IFORMER_ROOT, else the nearest parent holding dvc.yaml."""
+    env = os.environ.get("IFORMER_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for cand in (here, *here.parents):
+        if (cand / "dvc.yaml").exists() or (cand / "params.yaml").exists():
+            return cand
+    return here
+
+
+def stage_dir(stage: str, root: Path | None = None) -> Path:
+    return (root or repo_root()) / "artifacts" / stage
+
+
+def manifest_path(stage: str, root: Path | None = None) -> Path:
+    return stage_dir(stage, root) / "manifest.json"
+
+
+def metrics_path(stage: str, root: Path | None = None) -> Path:
+    return (root or repo_root()) / "metrics" / f"{stage}.json"
+
+
+def plots_dir(root: Path | None = None) -> Path:
+    return (root or repo_root()) / "plots"

@@ -1,0 +1,174 @@
+"""The `pretrain` stage: ImageNet-style pretraining on Ray Train.
+
+`check` validates every input (prepared data, teacher, resume checkpoint)
+before Ray starts. `run` launches a `TorchTrainer` whose run name is derived
+from the training config and the data fingerprint, so rerunning an interrupted
+stage with the same config finds its checkpoints in `ray.storage_path` and
+resumes; it then writes `artifacts/pretrain/` (final weights, metric history,
+manifest) and logs them to MLflow.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, cluster, layout
+from .config import Config
+from .data import Prepared
+from .errors import PipelineError
+from .tracking import StageRun, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    prepared: Prepared
+    run_name: str
+    teacher_path: str | None
+
+
+def run_name(cfg: Config, prepared: Prepared) -> str:
+    """Same training config + same data => same Ray run => resume, not restart."""
+    d = cfg.to_dict()
+    key = {k: d[k] for k in ("model", "data", "aug", "optim", "schedule", "train", "distill")}
+    key["fingerprint"] = prepared.manifest["fingerprint"]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"pretrain-{cfg.model.variant}-{digest}"
+
+
+def check(cfg: Config, root: Path) -> Inputs:
+    prepared = Prepared.load(layout.stage_dir("prepare", root))
+    n_train = prepared.manifest["counts"]["train"]
+    if cfg.train.batch_size > n_train:
+        raise PipelineError(f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images")
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.per_worker_batch % 2:
+        raise PipelineError(f"train.batch_size: mixup/cutmix need an even per-worker batch, got {cfg.per_worker_batch}")
+    teacher_path = None
+    if cfg.distill.enabled:
+        from iformer.distill import TeacherError, load_teacher
+
+        path = Path(cfg.distill.teacher_checkpoint)
+        path = path if path.is_absolute() else root / path
+        try:
+            load_teacher(cfg.distill.teacher, path, prepared.num_classes)
+        except TeacherError as err:
+            raise PipelineError(f"distill.teacher_checkpoint: {err}") from None
+        teacher_path = str(path)
+    if cfg.train.resume_from is not None:
+        src = Path(cfg.train.resume_from)
+        src = src / checkpoint.STATE_FILE if src.is_dir() else src
+        obj = torch.load(src, map_location="cpu", weights_only=True) if src.is_file() else None
+        if obj is None:
+            raise PipelineError(f"train.resume_from: {src} does not exist")
+        if not isinstance(obj, dict) or "variant" not in obj:
+            raise PipelineError(f"train.resume_from: {src} is not a pretrain checkpoint")
+        checkpoint.check_compatible(obj, variant=cfg.model.variant, num_classes=prepared.num_classes,
+                                    distillation=cfg.distill.enabled, what="train.resume_from", path=src)
+    return Inputs(prepared, run_name(cfg, prepared), teacher_path)
+
+
+def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
+    """Run the Ray Train job; returns the final training state dict."""
+    from ray.train.torch import TorchTrainer
+
+    from .train import train_loop_per_worker
+
+    cluster.init(cfg, root)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "prepared_dir": str(inputs.prepared.dir),
+            "teacher_path": inputs.teacher_path,
+            "tracking_uri": srun.tracking_uri if srun else None,
+            "run_id": srun.run_id if srun else None,
+        },
+        scaling_config=cluster.scaling_config(cfg),
+        run_config=cluster.run_config(cfg, root, inputs.run_name),
+        torch_config=cluster.torch_config(cfg),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise PipelineError(f"ray run {inputs.run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = checkpoint.load_training_state(Path(d) / checkpoint.STATE_FILE, "final ray checkpoint")
+    state["ray_checkpoint"] = result.checkpoint.path
+    return state
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for row in history:
+            w.writerow({**row, "epoch": int(row["epoch"]) + 1})
+
+
+def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
+    import mlflow
+
+    state = fit(cfg, root, inputs, srun)
+    out = layout.stage_dir("pretrain", root)
+    out.mkdir(parents=True, exist_ok=True)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    use_ema = cfg.train.ema_decay is not None and state.get("ema") is not None
+    weights = state["ema"] if use_ema else state["model"]
+    digest = checkpoint.save_weights(
+        out / "model.pt", weights, variant=cfg.model.variant, num_classes=state["num_classes"],
+        distillation=cfg.distill.enabled, classes=inputs.prepared.classes, image_size=cfg.data.image_size,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, extra={"ema": use_ema, "epochs": state["epoch"]},
+    )
+    history = state["history"]
+    write_history(history, out / "history.csv")
+    final = history[-1]
+    summary = {k: final[k] for k in ("train_loss", "val_loss", "val_top1", "val_top5", "img_per_sec") if k in final}
+    metrics = layout.metrics_path("pretrain", root)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(summary, indent=2) + "\n")
+
+    mlflow.log_artifact(str(out / "model.pt"), "checkpoints")
+    mlflow.log_artifact(str(out / "history.csv"), "pretrain")
+    mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.checkpoint_sha256": digest})
+    if cfg.mlflow.log_model:
+        log_model(cfg, out / "model.pt")
+    write_manifest(
+        "pretrain", root, srun,
+        ray_run_name=inputs.run_name,
+        ray_storage_path=cluster.storage_path(cfg, root),
+        ray_checkpoint=state.get("ray_checkpoint"),
+        checkpoint="model.pt",
+        checkpoint_sha256=digest,
+        variant=cfg.model.variant,
+        epochs=state["epoch"],
+        final=summary,
+    )
+    print(f"pretrain: {cfg.model.variant} val_top1 {summary.get('val_top1', float('nan')):.4f} "
+          f"after {state['epoch']} epochs -> {out / 'model.pt'}", file=sys.stderr)
+
+
+def log_model(cfg: Config, weights_path: Path) -> None:
+    """The eval-mode network as an MLflow model (torch.export, with signature and example)."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    obj = checkpoint.load_weights(weights_path)
+    model = checkpoint.build_from_weights(obj)
+    size = obj["image_size"]
+    # A batch of 2 keeps the exported batch dimension dynamic (torch.export
+    # specialises size-1 dimensions).
+    example = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, logits),
+                             input_example=example)

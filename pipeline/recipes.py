@@ -1,0 +1,133 @@
+"""The paper's ImageNet-1K recipes (Table 9 and per-variant settings) as presets.
+
+`python -m pipeline.recipes NAME --data-root /path/to/imagenet` rewrites
+`params.yaml` with the recipe, keeping its `ray` and `mlflow` sections (where
+the run happens is not part of a recipe). `python -m pipeline.recipes --list`
+names them. Each recipe is a set of overrides on the schema defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import PipelineError
+
+# Table 9 plus per-variant settings. The paper's Table 9 lists EMA "None" for
+# every variant; following ConvNeXt's large-model recipe (which the paper says it
+# follows) and the project spec, H uses EMA 0.9999 alongside layer scale 1e-6.
+_PER_VARIANT = {
+    #  variant: (drop_path, layer_scale, ema, base_lr, batch, epochs)
+    "t": (0.0, 0.0, None, 4e-3, 4096, 300),
+    "s": (0.0, 0.0, None, 4e-3, 4096, 300),
+    "m": (0.0, 0.0, None, 4e-3, 4096, 300),
+    "l": (0.1, 0.0, None, 4e-3, 4096, 300),
+    # L2 appears only in the 450-epoch distillation study (Table 12); its drop
+    # path is not given, so it takes L's.
+    "l2": (0.1, 0.0, None, 4e-3, 4096, 450),
+    "h": (0.6, 1e-6, 0.9999, 8e-3, 8192, 300),
+}
+
+
+def _imagenet(v: str, distill: bool) -> dict:
+    drop_path, layer_scale, ema, base_lr, batch, epochs = _PER_VARIANT[v]
+    return {
+        "model": {"variant": f"iformer_{v}", "drop_path": drop_path, "layer_scale": layer_scale},
+        "data": {"source": "imagefolder", "image_size": 224, "verify": "header",
+                 "loader_workers": 8},
+        "aug": {
+            "rand_augment": "rand-m9-mstd0.5-inc1", "hflip": 0.5, "scale": [0.08, 1.0],
+            "interpolation": "bicubic", "re_prob": 0.25, "mixup": 0.8, "cutmix": 1.0,
+            "label_smoothing": 0.1, "crop_pct": 0.875,
+        },
+        # Linear scaling: lr = base_lr * train.batch_size / base_batch_size.
+        "optim": {"base_lr": base_lr, "base_batch_size": batch, "weight_decay": 0.05,
+                  "betas": [0.9, 0.999], "clip_grad": None},
+        "schedule": {"warmup_epochs": 20, "warmup_lr": 0.0, "min_lr": 1e-6},
+        "train": {"epochs": epochs, "batch_size": batch, "ema_decay": ema},
+        "distill": {"enabled": distill, "teacher": "regnety_160",
+                    "teacher_checkpoint": "teachers/regnety_160.pth" if distill else "teachers",
+                    "kind": "hard", "alpha": 0.5},
+        "evaluate": {"batch_size": 256},
+    }
+
+
+RECIPES: dict[str, dict] = {"digits": {}}
+for _v in _PER_VARIANT:
+    RECIPES[f"iformer_{_v}"] = _imagenet(_v, distill=False)
+    RECIPES[f"iformer_{_v}_distill"] = _imagenet(_v, distill=True)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def build(name: str, keep: dict | None = None, overrides: dict | None = None):
+    """The Config of recipe `name`, with `keep` sections and dotted `overrides` on top."""
+    from .config import Config, parse_config
+
+    if name not in RECIPES:
+        raise PipelineError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    data = _merge(Config().to_dict(), RECIPES[name])
+    data["recipe"] = name
+    for section in ("ray", "mlflow"):
+        if keep and section in keep:
+            data[section] = keep[section]
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data, f"recipe {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import dump_config
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.recipes", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", nargs="?", help="recipe to write into params.yaml")
+    ap.add_argument("--list", action="store_true", help="list the recipes")
+    ap.add_argument("--data-root", help="ImageNet root (train/<class>/*, val/<class>/*)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted override, value parsed as YAML (repeatable)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    if args.list or not args.name:
+        for n in sorted(RECIPES):
+            print(n)
+        return 0
+    try:
+        overrides = {}
+        if args.data_root:
+            overrides["data.root"] = args.data_root
+        for item in args.set:
+            if "=" not in item:
+                raise PipelineError(f"--set {item!r}: expected KEY=VALUE")
+            k, v = item.split("=", 1)
+            overrides[k] = yaml.safe_load(v)
+        path = Path(args.params)
+        keep = yaml.safe_load(path.read_text()) if path.exists() else None
+        cfg = build(args.name, keep=keep if isinstance(keep, dict) else None, overrides=overrides)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(f"# Written by `python -m pipeline.recipes {args.name}`.\n" + dump_config(cfg))
+    tmp.replace(path)
+    print(f"wrote {path} (recipe {args.name}, lr {cfg.lr:g} at global batch {cfg.train.batch_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The `report` stage: this pipeline run beside the paper's reference row.
+
+Writes `artifacts/report/` with `report.md`, `report.json` and `curves.png`
+(loss and accuracy per epoch). Later issues add export, latency and dense-task
+sections; each is a function returning a markdown section and a JSON dict.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from iformer.reference import reference_for
+
+from . import layout
+from .config import Config
+from .errors import PipelineError
+from .tracking import StageRun, read_stage_manifest, write_manifest
+
+
+@dataclass
+class Inputs:
+    history: list[dict]
+    evaluation: dict
+    pretrain: dict
+    prepare: dict
+
+
+def check(cfg: Config, root: Path) -> Inputs:
+    hist = layout.stage_dir("pretrain", root) / "history.csv"
+    metrics = layout.metrics_path("evaluate", root)
+    for path, stage in ((hist, "pretrain"), (metrics, "evaluate")):
+        if not path.is_file():
+            raise PipelineError(f"{path}: missing; run the {stage} stage first")
+    with open(hist) as f:
+        history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    manifests = {s: read_stage_manifest(s, root) or {} for s in ("prepare", "pretrain")}
+    return Inputs(history, json.loads(metrics.read_text()), manifests["pretrain"], manifests["prepare"])
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    a.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="loss", title="Loss")
+    a.legend()
+    b.plot(epochs, [r["val_top1"] for r in history], "o-", label="val top-1")
+    b.plot(epochs, [r["val_top5"] for r in history], "o-", label="val top-5")
+    if "val_top1_ema" in history[0]:
+        b.plot(epochs, [r["val_top1_ema"] for r in history], "o--", label="val top-1 (EMA)")
+    b.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy", ylim=(0, 1.02))
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.2f}" if pct else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
+    ev = inputs.evaluation
+    ref = reference_for(cfg.model.variant)
+    ours = {
+        "variant": cfg.model.variant,
+        "dataset": inputs.prepare.get("source", cfg.data.source),
+        "image_size": cfg.data.image_size,
+        "epochs": len(inputs.history),
+        "params_m": ev.get("params_m"),
+        "gmacs_224": ev.get("gmacs_224"),
+        "top1": ev["top1"],
+        "top5": ev["top5"],
+        "distilled": cfg.distill.enabled,
+        "train_img_per_sec": inputs.history[-1].get("img_per_sec"),
+    }
+    summary = {"ours": ours, "paper": ref.as_dict() if ref else None,
+               "mlflow_run_ids": {"pretrain": inputs.pretrain.get("mlflow_run_id"),
+                                  "prepare": inputs.prepare.get("mlflow_run_id")},
+               "ray_run_name": inputs.pretrain.get("ray_run_name"),
+               "checkpoint_sha256": inputs.pretrain.get("checkpoint_sha256"),
+               "history": inputs.history}
+    paper_top1 = (ref.top1_distilled if cfg.distill.enabled else ref.top1) if ref else None
+    lines = [
+        f"# iFormer pipeline report: {cfg.model.variant}",
+        "",
+        f"Recipe `{cfg.recipe}`, data `{ours['dataset']}` at {cfg.data.image_size}px, "
+        f"{ours['epochs']} epochs, global batch {cfg.train.batch_size} at lr {cfg.lr:.3g}"
+        + (", DeiT hard distillation" if cfg.distill.enabled else "") + ".",
+        "",
+        "| | Params (M) | GMACs @224 | iPhone 13 latency (ms) | Top-1 (%) | Top-5 (%) |",
+        "|---|---|---|---|---|---|",
+        f"| this run | {_fmt(ours['params_m'])} | {_fmt(ours['gmacs_224'])} | – | "
+        f"{_fmt(ours['top1'], True)} | {_fmt(ours['top5'], True)} |",
+    ]
+    if ref:
+        lines.append(f"| paper (ImageNet-1K, 224px) | {_fmt(ref.params_m)} | {_fmt(ref.gmacs)} | "
+                     f"{_fmt(ref.latency_ms)} | {_fmt(paper_top1)} | – |")
+    if ours["dataset"] != "imagefolder":
+        lines += ["", f"Top-1 here is on the embedded `{ours['dataset']}` set, not ImageNet-1K: "
+                  "it shows the pipeline learns, and is not comparable with the paper's figure."]
+    lines += ["", "![loss and accuracy per epoch](curves.png)", "", "## Per-epoch history", "",
+              "| epoch | train loss | val loss | val top-1 | img/s | lr |", "|---|---|---|---|---|---|"]
+    for r in inputs.history:
+        lines.append(f"| {int(r['epoch'])} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
+                     f"{100 * r['val_top1']:.2f} | {r.get('img_per_sec', 0):.1f} | {r.get('lr', 0):.2e} |")
+    return "\n".join(lines) + "\n", summary
+
+
+def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
+    import mlflow
+
+    out = layout.stage_dir("report", root)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown, summary = build(cfg, inputs)
+    plot_curves(inputs.history, out / "curves.png")
+    (out / "report.md").write_text(markdown)
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    mlflow.log_artifacts(str(out), "report")
+    client = srun.client()
+    for name in ("report.md", "report.json", "curves.png"):
+        client.log_artifact(srun.parent_run_id, str(out / name), "report")
+    write_manifest("report", root, srun, top1=summary["ours"]["top1"])
+    print(markdown.split("## Per-epoch")[0])

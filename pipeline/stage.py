@@ -1,0 +1,45 @@
+"""What every stage entry point shares: arguments, config, errors, tracking.
+
+A stage is two functions from `pipeline/`: `check(cfg, root)` validates every
+input it will read and returns them (no MLflow run, no Ray yet), and
+`run(cfg, root, inputs, stage_run)` does the work inside the stage's MLflow child
+run. Bad input becomes one `error: ...` line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import layout, tracking
+from .config import Config, load_config
+from .errors import PipelineError
+
+Check = Callable[[Config, Path], Any]
+Run = Callable[[Config, Path, Any, "tracking.StageRun"], None]
+
+
+def main(stage: str, check: Check, run: Run, argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
+    ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
+    args = ap.parse_args(argv)
+    tracking.configure_environment()
+    logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s", stream=sys.stderr)
+    root = layout.repo_root()
+    try:
+        cfg = load_config(args.params or root / "params.yaml")
+        uri = tracking.tracking_uri(cfg, root)
+        tracking.check_reachable(uri)
+        inputs = check(cfg, root)
+        with tracking.stage_run(cfg, stage, root) as srun:
+            run(cfg, root, inputs, srun)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def exit_with(stage: str, check: Check, run: Run) -> None:
+    sys.exit(main(stage, check, run))

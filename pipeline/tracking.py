@@ -1,0 +1,229 @@
+"""MLflow run ownership: one parent run per pipeline run, one child run per stage.
+
+DVC runs each stage as its own process, so the stages of one `dvc repro` (or
+`dvc exp run`) find their shared parent run by an *invocation key*: the pid and
+start time of the `dvc` process above them (plus the DVC experiment name), kept
+as a tag on the parent. `IFORMER_PIPELINE_RUN` overrides it, to group stages run
+by hand. A stage whose outputs DVC restored from cache did not run, so when a
+later stage starts it adds a *linked* child for each such upstream stage (params
+and metrics copied, tagged with the run that produced the outputs), and every
+parent run is complete for side-by-side comparison.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import layout
+from .errors import PipelineError
+
+TAG_KIND = "iformer.kind"
+TAG_STAGE = "iformer.stage"
+TAG_INVOCATION = "iformer.invocation"
+TAG_LINKED_FROM = "iformer.linked_from"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def configure_environment() -> None:
+    """Keep tools quiet and their state local."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def tracking_uri(cfg, root: Path) -> str:
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+
+
+def artifact_location(root: Path) -> str:
+    return (root / "mlflow" / "artifacts").as_uri()
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before any work, when the tracking store cannot be reached."""
+    field = "mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise PipelineError(f"{field}: tracking server {uri} is unreachable ({err})") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PipelineError(f"{field}: cannot create {db.parent} ({err})") from None
+    elif uri.startswith("sqlite:") or "://" not in uri and not uri.startswith("/"):
+        raise PipelineError(f"{field}: {uri!r} is not a tracking URI (sqlite:////abs/path.db, http(s)://host, file:///dir)")
+
+
+def invocation_key() -> str:
+    explicit = os.environ.get("IFORMER_PIPELINE_RUN")
+    if explicit:
+        return explicit
+    exp = os.environ.get("DVC_EXP_NAME", "")
+    try:
+        import psutil
+
+        for proc in psutil.Process().parents():
+            cmd = proc.cmdline()
+            if any(os.path.basename(a) == "dvc" for a in cmd[:3]) or cmd[1:3] == ["-m", "dvc"]:
+                return f"dvc:{proc.pid}:{int(proc.create_time() * 1000)}:{exp}"
+    except Exception:  # psutil may be denied on some systems: fall back to standalone
+        pass
+    return f"standalone:{os.getpid()}:{int(time.time() * 1000)}"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class StageRun:
+    """What a running stage knows about its MLflow runs."""
+
+    run_id: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment_id: str
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+
+def _connect(cfg, root: Path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg, root)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        loc = artifact_location(root) if uri.startswith("sqlite:") else None
+        exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=loc)
+    else:
+        exp_id = exp.experiment_id
+    return uri, client, exp_id
+
+
+def _children(client, exp_id: str, parent_id: str):
+    return client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'", max_results=500)
+
+
+def _parent_run(client, exp_id: str, cfg, root: Path) -> str:
+    key = invocation_key()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_INVOCATION}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    tags = {
+        TAG_KIND: "pipeline",
+        TAG_INVOCATION: key,
+        "iformer.git_commit": git_commit(root),
+        "iformer.dvc_experiment": exp_name or "workspace",
+        "iformer.params_hash": cfg.params_hash(),
+        "iformer.recipe": cfg.recipe,
+        "iformer.variant": cfg.model.variant,
+    }
+    name = exp_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    _log_config(client, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def _log_config(client, run_id: str, cfg) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    client.log_dict(run_id, cfg.to_dict(), "config/resolved.yaml")
+
+
+def read_stage_manifest(stage: str, root: Path) -> dict | None:
+    path = layout.manifest_path(stage, root)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _link_upstream(client, exp_id: str, parent_id: str, stage: str, root: Path) -> None:
+    """Add a linked child for each upstream stage that did not run in this invocation."""
+    from mlflow.entities import Metric, Param
+
+    have = {r.data.tags.get(TAG_STAGE) for r in _children(client, exp_id, parent_id)}
+    for up in layout.STAGES[: layout.STAGES.index(stage)]:
+        if up in have:
+            continue
+        manifest = read_stage_manifest(up, root)
+        if not manifest or not manifest.get("mlflow_run_id"):
+            continue
+        src_id = manifest["mlflow_run_id"]
+        tags = {TAG_PARENT: parent_id, TAG_STAGE: up, TAG_LINKED_FROM: src_id, "iformer.cached": "true",
+                "mlflow.note.content": f"DVC restored this stage's outputs; they were produced by run {src_id}."}
+        linked = client.create_run(exp_id, run_name=f"{up} (cached)", tags=tags)
+        try:
+            src = client.get_run(src_id)
+        except Exception:
+            src = None  # produced in another tracking store: the tag still says where
+        if src is not None:
+            now = int(time.time() * 1000)
+            params = [Param(k, v) for k, v in src.data.params.items()]
+            metrics = [Metric(k, v, now, 0) for k, v in src.data.metrics.items()]
+            for i in range(0, max(len(params), len(metrics)), 100):
+                client.log_batch(linked.info.run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
+        client.set_terminated(linked.info.run_id, "FINISHED")
+
+
+@contextmanager
+def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
+    """The child run of `stage` inside this invocation's parent run."""
+    import mlflow
+
+    uri, client, exp_id = _connect(cfg, root)
+    parent_id = _parent_run(client, exp_id, cfg, root)
+    client.update_run(parent_id, status="RUNNING")
+    _link_upstream(client, exp_id, parent_id, stage, root)
+    tags = {TAG_STAGE: stage, "iformer.git_commit": git_commit(root), "iformer.params_hash": cfg.params_hash()}
+    run = mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags)
+    _log_config(client, run.info.run_id, cfg)
+    status = "FAILED"
+    try:
+        yield StageRun(run.info.run_id, parent_id, uri, exp_id)
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status)
+        client.set_terminated(parent_id, status)
+
+
+def write_manifest(stage: str, root: Path, run: StageRun, /, **fields) -> Path:
+    """Write `artifacts/<stage>/manifest.json` last, atomically: it marks the stage done."""
+    path = layout.manifest_path(stage, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"stage": stage, "mlflow_run_id": run.run_id, "mlflow_parent_run_id": run.parent_run_id,
+            "mlflow_tracking_uri": run.tracking_uri, **fields}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+    return path

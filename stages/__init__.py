@@ -1,0 +1,1 @@
+"""One module per DVC stage: `python -m stages.NAME` (see dvc.yaml)."""

@@ -1,0 +1,5 @@
+"""DVC stage `pretrain`: pretrain an iFormer on Ray Train (optionally distilled)."""
+from pipeline import pretrain, stage
+
+if __name__ == "__main__":
+    stage.exit_with("pretrain", pretrain.check, pretrain.run)
