@@ -1,0 +1,123 @@
+"""Shared fixtures: throw-away copies of the repo to run real stages, DVC and MLflow in."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Small but real: 32 px digits, iformer_t, two epochs.
+TINY = {
+    "data": {"image_size": 32},
+    "train": {"epochs": 2, "log_every_batches": 50},
+    "mlflow": {"log_model": False},
+}
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def env_for(repo: Path) -> dict:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("IFORMER_PIPELINE_RUN", None)
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        IFORMER_ROOT=str(repo),
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+    )
+    return env
+
+
+class Repo:
+    """A git + DVC copy of this project in a temp dir."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.env = env_for(path)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def set_params(self, over: dict) -> None:
+        data = deep_update(self.params(), over)
+        (self.path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 900, env: dict | None = None):
+        proc = subprocess.run(list(cmd), cwd=self.path, env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        return proc
+
+    def stage(self, name: str, *args: str, check: bool = True, env: dict | None = None):
+        return self.run(sys.executable, "-m", f"stages.{name}", *args, check=check, env=env)
+
+    def git(self, *args: str):
+        return self.run("git", *args)
+
+    def mlflow_client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(f"sqlite:///{self.path / 'mlflow' / 'mlflow.db'}")
+
+    def runs(self, filter_string: str = ""):
+        client = self.mlflow_client()
+        exp = client.get_experiment_by_name(self.params()["mlflow"]["experiment"])
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+
+
+def make_repo(dest: Path, params: dict | None = None) -> Repo:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("metrics/", "dvc.lock")):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    repo = Repo(dest)
+    if params:
+        repo.set_params(params)
+    repo.git("init", "-q")
+    repo.run(str(VENV_BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(dest / ".dvc" / "tmp" / "site"))
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "init")
+    return repo
+
+
+@pytest.fixture
+def tiny_repo(tmp_path) -> Repo:
+    import copy
+
+    return make_repo(tmp_path / "repo", copy.deepcopy(TINY))
+
+
+@pytest.fixture(scope="module")
+def prepared_repo(tmp_path_factory) -> Repo:
+    """A tiny repo whose prepare stage has run (shared by a module's tests)."""
+    import copy
+
+    repo = make_repo(tmp_path_factory.mktemp("prepared") / "repo", copy.deepcopy(TINY))
+    repo.stage("prepare")
+    return repo
