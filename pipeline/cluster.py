@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import layout
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def storage_path(cfg, root: Path) -> str:
     if "://" in sp:
         return sp
     p = Path(sp)
-    return str(p if p.is_absolute() else (root / p).resolve())
+    return str(p if p.is_absolute() else (layout.state_root(root) / p).resolve())
 
 
 def scaling_config(cfg):

@@ -27,6 +27,17 @@ def repo_root() -> Path:
     return here
 
 
+def state_root(root: Path | None = None) -> Path:
+    """Where long-lived tool state lives (MLflow store, Ray checkpoints).
+
+    `dvc exp run --temp` and queued experiments run in a temp copy of the repo;
+    DVC then points DVC_ROOT at the real repo, so every experiment lands in the
+    same MLflow store and Ray storage.
+    """
+    env = os.environ.get("DVC_ROOT")
+    return Path(env).resolve() if env else (root or repo_root())
+
+
 def stage_dir(stage: str, root: Path | None = None) -> Path:
     return (root or repo_root()) / "artifacts" / stage
 

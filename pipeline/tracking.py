@@ -45,11 +45,11 @@ def tracking_uri(cfg, root: Path) -> str:
         return cfg.mlflow.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    return f"sqlite:///{layout.state_root(root) / 'mlflow' / 'mlflow.db'}"
 
 
 def artifact_location(root: Path) -> str:
-    return (root / "mlflow" / "artifacts").as_uri()
+    return (layout.state_root(root) / "mlflow" / "artifacts").as_uri()
 
 
 def check_reachable(uri: str) -> None:

@@ -35,6 +35,7 @@ def env_for(repo: Path) -> dict:
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     env.pop("IFORMER_PIPELINE_RUN", None)
+    env.pop("DVC_ROOT", None)
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         DVC_NO_ANALYTICS="1",

@@ -67,12 +67,17 @@ def checkpoint_manifest(repo):
 def test_interrupted_stage_resumes_from_last_checkpoint(prepared_repo):
     repo = prepared_repo
     _params(repo, {"train": {"epochs": 3}})
+    from pipeline.config import load_config
+    from pipeline.data import Prepared
+    from pipeline.pretrain import run_name
+
+    name = run_name(load_config(repo.path / "params.yaml"), Prepared.load(repo.path / "artifacts/prepare"))
     proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo.path, env=repo.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     first = None
     while time.time() < deadline and proc.poll() is None:
-        found = list((repo.path / "ray_results").glob("pretrain-iformer_t-*/epoch-0001/state.pt"))
+        found = list((repo.path / "ray_results").glob(f"{name}/epoch-0001/state.pt"))
         if found:
             first = found[0]
             break

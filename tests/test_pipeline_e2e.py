@@ -1,0 +1,100 @@
+"""The whole classification path, as a user runs it: `dvc repro`, then `dvc exp run`."""
+import json
+
+import pytest
+
+from conftest import make_repo
+from pipeline import checkpoint, layout, tracking
+
+pytestmark = pytest.mark.slow
+
+STAGES = set(layout.STAGES)
+
+
+def _pipeline_runs(repo):
+    parents = repo.runs(f"tags.`{tracking.TAG_KIND}` = 'pipeline'")
+    children = {p.info.run_id: repo.runs(f"tags.`{tracking.TAG_PARENT}` = '{p.info.run_id}'") for p in parents}
+    return parents, children
+
+
+@pytest.fixture(scope="module")
+def default_repo(tmp_path_factory):
+    """The embedded default, untouched, after one `dvc repro`."""
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    repo.run("dvc", "repro", timeout=1500)
+    return repo
+
+
+def test_default_pipeline_learns_digits(default_repo):
+    metrics = json.loads((default_repo.path / "metrics/evaluate.json").read_text())
+    assert metrics["top1"] >= 0.90, metrics
+    assert metrics["fuse_max_abs_diff"] < 1e-4
+    report = (default_repo.path / "artifacts/report/report.md").read_text()
+    assert "paper (ImageNet-1K, 224px)" in report and "74.10" in report
+    assert (default_repo.path / "artifacts/report/curves.png").stat().st_size > 10_000
+    assert (default_repo.path / "artifacts/evaluate/confusion_matrix.png").stat().st_size > 10_000
+
+
+def test_checkpoint_reloads_strictly(default_repo):
+    path = default_repo.path / "artifacts/pretrain/model.pt"
+    weights = checkpoint.load_weights(path, expect_variant="iformer_t")
+    model = checkpoint.build_from_weights(weights)
+    manifest = json.loads((default_repo.path / "artifacts/pretrain/manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] == checkpoint.sha256(path)
+    assert manifest["epochs"] == default_repo.params()["train"]["epochs"]
+    assert sum(p.numel() for p in model.parameters()) > 2e6
+
+
+def test_mlflow_holds_one_complete_parent_run(default_repo):
+    parents, children = _pipeline_runs(default_repo)
+    assert len(parents) == 1
+    parent = parents[0]
+    kids = children[parent.info.run_id]
+    assert {k.data.tags[tracking.TAG_STAGE] for k in kids} == STAGES and len(kids) == len(STAGES)
+    assert all(k.info.status == "FINISHED" for k in kids) and parent.info.status == "FINISHED"
+    assert len(parent.data.tags["iformer.git_commit"]) == 40
+    assert parent.data.metrics["val_top1"] >= 0.90
+    client = default_repo.mlflow_client()
+    pre = next(k for k in kids if k.data.tags[tracking.TAG_STAGE] == "pretrain")
+    epochs = default_repo.params()["train"]["epochs"]
+    for name in ("train_loss", "val_top1", "lr", "img_per_sec"):
+        assert len(client.get_metric_history(pre.info.run_id, name)) == epochs, name
+    assert {a.path for a in client.list_artifacts(pre.info.run_id, "checkpoints")} == {"checkpoints/model.pt"}
+    assert {a.path for a in client.list_artifacts(pre.info.run_id, "config")} == {"config/resolved.yaml"}
+    ev = next(k for k in kids if k.data.tags[tracking.TAG_STAGE] == "evaluate")
+    ev_files = {a.path for a in client.list_artifacts(ev.info.run_id, "evaluate")}
+    assert {"evaluate/confusion_matrix.png", "evaluate/per_class_accuracy.json"} <= ev_files
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert any(m.source_run_id == pre.info.run_id for m in models), "the model is logged with mlflow.pytorch"
+
+
+def test_noop_repro_and_exp_run_add_one_complete_parent(default_repo):
+    repo = default_repo
+    noop = repo.run("dvc", "repro")
+    assert "up to date" in noop.stdout + noop.stderr
+    assert len(_pipeline_runs(repo)[0]) == 1, "a no-op repro must not open a pipeline run"
+
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "baseline")
+    repo.run("dvc", "exp", "run", "-n", "short", "-S", "train.epochs=3", timeout=1500)
+    parents, children = _pipeline_runs(repo)
+    assert len(parents) == 2
+    new = next(p for p in parents if p.data.tags["iformer.dvc_experiment"] == "short")
+    kids = {k.data.tags[tracking.TAG_STAGE]: k for k in children[new.info.run_id]}
+    assert set(kids) == STAGES
+    old = next(p for p in parents if p is not new)
+    old_prepare = next(k for k in children[old.info.run_id] if k.data.tags[tracking.TAG_STAGE] == "prepare")
+    assert kids["prepare"].data.tags[tracking.TAG_LINKED_FROM] == old_prepare.info.run_id
+    assert kids["pretrain"].data.params["train.epochs"] == "3"
+
+    shown = json.loads(repo.run("dvc", "exp", "show", "--json").stdout)
+    names = set()
+    tops = []
+    for entry in shown:
+        for row in [entry, *[e for x in entry.get("experiments") or [] for e in x.get("revs", [])]]:
+            data = row.get("data") or {}
+            names.add(row.get("name") or data.get("name") or row.get("rev"))
+            top1 = ((data.get("metrics") or {}).get("metrics/evaluate.json") or {}).get("data", {}).get("top1")
+            if top1 is not None:
+                tops.append(top1)
+    assert "short" in names and len(tops) >= 2, shown
