@@ -317,7 +317,9 @@ def train_loop_per_worker(config: dict) -> None:
             sampler.set_epoch(epoch)
         tstart = time.perf_counter()
         train_stats, step = train_one_epoch(c, train_loader, cfg, device, epoch, step, progress)
-        val = validate(c.model, val_loader, cfg, device)
+        # The bare network, not the DDP wrapper: ranks hold unequal val shards, and
+        # eval needs no gradient sync.
+        val = validate(c.bare, val_loader, cfg, device)
         row = {"epoch": epoch, **train_stats, "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"]}
         if c.ema is not None:
