@@ -272,6 +272,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
+    if device.type == "cpu":  # compute threads = the CPUs Ray reserved for this worker
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -294,7 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, step, history = restore(c, state)
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     if rank == 0:
-        print(f"rank 0/{world} on {device}: {cfg.model.variant}, {len(train_loader)} steps/epoch, "
+        print(f"rank 0/{world} on {device} ({torch.get_num_threads()} threads): {cfg.model.variant}, {len(train_loader)} steps/epoch, "
               f"lr {cfg.lr:.3g}, starting at epoch {start_epoch} from {origin}", file=sys.stderr, flush=True)
         for row in history:  # a resumed run carries the earlier epochs into its MLflow run
             logger.log(row)
