@@ -205,7 +205,8 @@ def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
     parent_id = _parent_run(client, exp_id, cfg, root)
     client.update_run(parent_id, status="RUNNING")
     _link_upstream(client, exp_id, parent_id, stage, root)
-    tags = {TAG_STAGE: stage, "iformer.git_commit": git_commit(root), "iformer.params_hash": cfg.params_hash()}
+    tags = {TAG_STAGE: stage, "iformer.git_commit": git_commit(root), "iformer.params_hash": cfg.params_hash(),
+            "iformer.dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace"}
     run = mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags)
     _log_config(client, run.info.run_id, cfg)
     status = "FAILED"

@@ -86,6 +86,7 @@ def test_noop_repro_and_exp_run_add_one_complete_parent(default_repo):
     old_prepare = next(k for k in children[old.info.run_id] if k.data.tags[tracking.TAG_STAGE] == "prepare")
     assert kids["prepare"].data.tags[tracking.TAG_LINKED_FROM] == old_prepare.info.run_id
     assert kids["pretrain"].data.params["train.epochs"] == "3"
+    assert kids["pretrain"].data.tags["iformer.dvc_experiment"] == "short"
 
     shown = json.loads(repo.run("dvc", "exp", "show", "--json").stdout)
     names = set()
