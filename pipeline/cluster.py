@@ -68,13 +68,9 @@ def init(cfg, root: Path) -> None:
         runtime_env={"env_vars": env},
         logging_level=logging.WARNING,
         configure_logging=True,
-        # On a small machine every background cycle is taken from training:
-        # no idle pre-started workers and no metrics export in a local Ray.
-        _system_config={
-            "enable_worker_prestart": False,
-            "prestart_worker_first_driver": False,
-            "enable_metrics_collection": False,
-        },
+        # On a small machine every background cycle is taken from training.
+        # (Pre-started workers stay: starting one on demand mid-epoch costs more.)
+        _system_config={"enable_metrics_collection": False},
     )
 
 
