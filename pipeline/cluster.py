@@ -68,9 +68,6 @@ def init(cfg, root: Path) -> None:
         runtime_env={"env_vars": env},
         logging_level=logging.WARNING,
         configure_logging=True,
-        # On a small machine every background cycle is taken from training.
-        # (Pre-started workers stay: starting one on demand mid-epoch costs more.)
-        _system_config={"enable_metrics_collection": False},
     )
 
 
