@@ -21,7 +21,7 @@ from . import checkpoint, layout
 from .config import Config
 from .data import ImageListDataset, Prepared, build_transforms
 from .errors import PipelineError
-from .tracking import StageRun, write_manifest
+from .tracking import StageRun, metric_batch, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +129,10 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     mpath.write_text(json.dumps(metrics, indent=2) + "\n")
 
     mlflow.log_metrics({f"val_{k}" if k in ("top1", "top5", "loss") else k: v for k, v in metrics.items()})
-    srun.client().log_batch(srun.parent_run_id, metrics=_as_metrics({"val_top1": metrics["top1"],
-                                                                       "val_top5": metrics["top5"]}))
+    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch({"val_top1": metrics["top1"],
+                                                                        "val_top5": metrics["top5"]}))
     mlflow.log_artifacts(str(out), "evaluate")
     mlflow.log_artifact(str(mpath), "metrics")
     write_manifest("evaluate", root, srun, metrics=metrics, weights_sha256=checkpoint.sha256(inputs.weights_path))
     log.info("fused %s: top1 %.4f top5 %.4f loss %.4f on %d images (fuse diff %.2e)", inputs.weights["variant"],
              metrics["top1"], metrics["top5"], metrics["loss"], metrics["num_images"], fuse_diff)
-
-
-def _as_metrics(values: dict):
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in values.items()]

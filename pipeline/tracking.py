@@ -161,6 +161,14 @@ def _log_config(client, run_id: str, cfg) -> None:
     client.log_dict(run_id, cfg.to_dict(), "config/resolved.yaml")
 
 
+def metric_batch(values: dict, step: int = 0) -> list:
+    """MLflow Metric entities for `log_batch`, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()]
+
+
 def read_stage_manifest(stage: str, root: Path) -> dict | None:
     path = layout.manifest_path(stage, root)
     if not path.is_file():
@@ -170,7 +178,7 @@ def read_stage_manifest(stage: str, root: Path) -> dict | None:
 
 def _link_upstream(client, exp_id: str, parent_id: str, stage: str, root: Path) -> None:
     """Add a linked child for each upstream stage that did not run in this invocation."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
     have = {r.data.tags.get(TAG_STAGE) for r in _children(client, exp_id, parent_id)}
     for up in layout.STAGES[: layout.STAGES.index(stage)]:
@@ -188,9 +196,8 @@ def _link_upstream(client, exp_id: str, parent_id: str, stage: str, root: Path) 
         except Exception:
             src = None  # produced in another tracking store: the tag still says where
         if src is not None:
-            now = int(time.time() * 1000)
             params = [Param(k, v) for k, v in src.data.params.items()]
-            metrics = [Metric(k, v, now, 0) for k, v in src.data.metrics.items()]
+            metrics = metric_batch(src.data.metrics)
             for i in range(0, max(len(params), len(metrics)), 100):
                 client.log_batch(linked.info.run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
         client.set_terminated(linked.info.run_id, "FINISHED")

@@ -209,12 +209,10 @@ class MetricLogger:
     def log(self, row: dict) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
+        from .tracking import metric_batch
 
-        now = int(time.time() * 1000)
-        step = int(row["epoch"])
-        metrics = [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        values = {k: v for k, v in row.items() if k != "epoch"}
+        self.client.log_batch(self.run_id, metrics=metric_batch(values, int(row["epoch"])))
 
 
 # -- state ----------------------------------------------------------------------------
