@@ -71,11 +71,16 @@ def check_reachable(uri: str) -> None:
         raise PipelineError(f"{field}: {uri!r} is not a tracking URI (sqlite:////abs/path.db, http(s)://host, file:///dir)")
 
 
+def dvc_experiment() -> str:
+    """The DVC experiment this process runs in ('' outside `dvc exp run`)."""
+    return os.environ.get("DVC_EXP_NAME", "")
+
+
 def invocation_key() -> str:
     explicit = os.environ.get("IFORMER_PIPELINE_RUN")
     if explicit:
         return explicit
-    exp = os.environ.get("DVC_EXP_NAME", "")
+    exp = dvc_experiment()
     try:
         import psutil
 
@@ -136,7 +141,7 @@ def _parent_run(client, exp_id: str, cfg, root: Path) -> str:
     found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_INVOCATION}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    exp_name = dvc_experiment()
     tags = {
         TAG_KIND: "pipeline",
         TAG_INVOCATION: key,
@@ -213,7 +218,7 @@ def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
     client.update_run(parent_id, status="RUNNING")
     _link_upstream(client, exp_id, parent_id, stage, root)
     tags = {TAG_STAGE: stage, "iformer.git_commit": git_commit(root), "iformer.params_hash": cfg.params_hash(),
-            "iformer.dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace"}
+            "iformer.dvc_experiment": dvc_experiment() or "workspace"}
     run = mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags)
     _log_config(client, run.info.run_id, cfg)
     status = "FAILED"

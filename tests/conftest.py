@@ -72,6 +72,15 @@ class Repo:
     def stage(self, name: str, *args: str, check: bool = True, env: dict | None = None):
         return self.run(sys.executable, "-m", f"stages.{name}", *args, check=check, env=env)
 
+    def stage_error(self, name: str, needle: str, env: dict | None = None):
+        """Run a stage that must reject its input: exit 2, one `error:` line containing `needle`."""
+        out = self.stage(name, check=False, env=env)
+        assert out.returncode == 2, out.stderr[-3000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
+        return out
+
     def git(self, *args: str):
         return self.run("git", *args)
 

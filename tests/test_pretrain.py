@@ -100,10 +100,7 @@ def test_interrupted_stage_resumes_from_last_checkpoint(prepared_repo):
 
 def _expect_error(repo, needle):
     before = len(repo.runs())
-    out = repo.stage("pretrain", check=False)
-    assert out.returncode == 2, out.stderr[-2000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], out.stderr[-2000:]
+    out = repo.stage_error("pretrain", needle)
     assert len(repo.runs()) == before, "a rejected stage must not leave MLflow runs"
     assert "Ray" not in out.stderr.split("error:")[0], "failed before Ray start-up"
 
