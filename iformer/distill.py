@@ -40,13 +40,29 @@ def load_teacher(arch: str, checkpoint: Path, num_classes: int) -> nn.Module:
             break
     if not isinstance(state, dict):
         raise TeacherError(f"{checkpoint} holds no state dict")
-    try:
-        teacher.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0:3]
-        raise TeacherError(f"{checkpoint} is not a {arch} with {num_classes} classes: {' '.join(first)}") from None
+    mismatch = state_dict_mismatch(teacher.state_dict(), state)
+    if mismatch:
+        raise TeacherError(f"{checkpoint} is not a {arch} with {num_classes} classes: {mismatch}")
+    teacher.load_state_dict(state, strict=True)
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def state_dict_mismatch(expected: dict, got: dict, shown: int = 3) -> str:
+    """'' if `got` loads strictly into a model with `expected`, else a short summary with counts.
+
+    torch's own message lists every key, tens of kilobytes for a foreign network.
+    """
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in got and hasattr(got[k], "shape") and tuple(got[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if keys:
+            more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} keys {label} ({', '.join(keys[:shown])}{more})")
+    return "; ".join(parts)
 
 
 class HardDistillationLoss(nn.Module):

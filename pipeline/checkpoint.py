@@ -30,14 +30,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load(path: Path, what: str) -> dict:
+def load_any(path: Path, what: str) -> dict:
+    """A checkpoint dict of either kind (or a foreign one), loaded safely; errors name `what`."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what}: {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise PipelineError(f"{what}: {path} is not a loadable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # pickle, zip and weights_only errors of many types
+        first = next((line for line in str(err).splitlines() if line.strip()), "")[:200]
+        raise PipelineError(f"{what}: {path} is not a loadable checkpoint ({type(err).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise PipelineError(f"{what}: {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
@@ -67,7 +69,7 @@ def save_weights(path: Path, state_dict: dict, *, variant: str, num_classes: int
 
 
 def load_weights(path: Path, what: str = "checkpoint", expect_variant: str | None = None) -> dict:
-    obj = _load(path, what)
+    obj = load_any(path, what)
     if obj.get("format") != FORMAT:
         raise PipelineError(f"{what}: {path} is not a pretrain weights file (format {obj.get('format')!r})")
     if expect_variant and obj["variant"] != expect_variant:
@@ -85,7 +87,7 @@ def build_from_weights(obj: dict):
 
 
 def load_training_state(path: Path, what: str = "resume checkpoint") -> dict:
-    obj = _load(path, what)
+    obj = load_any(path, what)
     if "model" not in obj or "epoch" not in obj:
         raise PipelineError(f"{what}: {path} is not a training state (no model/epoch)")
     return obj

@@ -1,63 +1,133 @@
-"""Ray: connect to a cluster or start a local one, and describe a Train run.
+"""Ray: connect to a cluster or start a private local one, and describe a Train run.
 
-`ray.address` (or `RAY_ADDRESS`) names a cluster; without one a local Ray is
-started in-process with its state in a temp directory. Workers, GPUs and the
-collective backend come from the `ray` section: scale is a config change.
+`ray.address` (or `RAY_ADDRESS`) names a cluster; `check` probes it with a
+bounded timeout before any run is opened. Without one, `session` starts a local
+Ray that belongs to this process alone:
+
+- every listener on loopback: Ray takes 127.0.0.1 as the node address when its
+  "cluster" mode is off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the switch it
+  uses on macOS), and then binds its gRPC, dashboard and metrics servers there;
+- token authentication on, with a fresh random token in the run's own temp dir
+  (`RAY_AUTH_TOKEN_PATH`), so no other user or process can drive it;
+- its own short temp dir (`/tmp/ray-XXXXXXXX`; Unix socket paths are limited to
+  ~107 bytes), so two pipelines on one machine never see each other's session;
+  it is removed after a clean shutdown;
+- fate-shared: Ray's head processes die with this process, and `lifecycle`
+  makes this process die with `dvc`;
+- its training workers run at normal CPU priority (Ray's default starts workers
+  at niceness 15, below its own daemons) and its daemons and helper actors at
+  a lower one, so on a small machine they do not steal the training threads'
+  cores.
+
+Ray's own console chatter goes to a log file (`console.attach`); only our lines
+reach the terminal.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from . import layout
+from . import console, layout
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-
-def temp_dir() -> Path:
-    # Unix socket paths are limited to ~107 bytes: keep this short.
-    return Path(tempfile.gettempdir()) / f"ray-iformer-{os.getuid()}"
+#: Ray's process titles for the training workers; everything else of a local
+#: Ray (gcs, raylet, dashboard, agents, the Train controller) is a daemon.
+TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 
 
 def address(cfg) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def init(cfg, root: Path) -> None:
-    import ray
+def _host_port(addr: str) -> tuple[str, int] | None:
+    """host and port of a GCS (`host:port`) or Ray Client (`ray://host:port`) address."""
+    bare = addr.split("://", 1)[-1].rstrip("/")
+    host, _, port = bare.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
 
-    if ray.is_initialized():
+
+def check(cfg) -> None:
+    """Fail within `ray.connect_timeout_s` when the configured cluster does not answer.
+
+    Ray's own connect retries for minutes; this probe runs before any MLflow
+    run is opened. `auto` is resolved by Ray itself when it connects.
+    """
+    addr = address(cfg)
+    if not addr or addr == "auto":
         return
+    hp = _host_port(addr)
+    field = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    if hp is None:
+        raise PipelineError(f"{field}: {addr!r} is not host:port or ray://host:port")
+    try:
+        with socket.create_connection(hp, timeout=cfg.ray.connect_timeout_s):
+            pass
+    except OSError as err:
+        raise PipelineError(f"{field}: nothing answers at {addr} within {cfg.ray.connect_timeout_s:g} s "
+                            f"({err.strerror or err}); start the cluster or fix the address") from None
+
+
+def _runtime_env_vars() -> dict:
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "IFORMER_ROOT")
            if k in os.environ}
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # Train V2 tees print() into its logger as well, which doubles every line.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"]
-    addr = address(cfg)
-    if addr:
-        # Ship our packages to the cluster's workers; their other dependencies
-        # are the cluster image's (same pins as pyproject.toml).
-        import iformer
-        import pipeline
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    return env
 
-        runtime_env = {"env_vars": env,
-                       "py_modules": [str(Path(iformer.__file__).parent), str(Path(pipeline.__file__).parent)]}
-        log.info("connecting to Ray cluster at %s", addr)
-        try:
-            ray.init(address=addr, runtime_env=runtime_env, logging_level=logging.WARNING)
-        except Exception as err:  # ConnectionError, RuntimeError, ValueError from ray
-            raise PipelineError(f"ray.address / RAY_ADDRESS: cannot connect to {addr} ({err})") from None
-        return
-    tmp = temp_dir()
-    tmp.mkdir(parents=True, exist_ok=True)
+
+def _connect(cfg, addr: str) -> None:
+    import ray
+
+    # Ship our packages to the cluster's workers; their other dependencies
+    # are the cluster image's (same pins as pyproject.toml).
+    import iformer
+    import pipeline
+
+    runtime_env = {"env_vars": _runtime_env_vars(),
+                   "py_modules": [str(Path(iformer.__file__).parent), str(Path(pipeline.__file__).parent)]}
+    log.info("connecting to Ray cluster at %s", addr)
+    try:
+        ray.init(address=addr, runtime_env=runtime_env, configure_logging=False, log_to_driver=True)
+    except Exception as err:  # ConnectionError, RuntimeError, ValueError, AuthenticationError from ray
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"ray.address / RAY_ADDRESS: cannot connect to {addr} ({first}); "
+                            "a cluster with token authentication needs RAY_AUTH_MODE=token and "
+                            "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH in the environment") from None
+
+
+def _start_local(cfg, tmp: Path) -> None:
+    token = tmp / "auth_token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                      RAY_TRAIN_ENABLE_PRINT_PATCH="0",
+                      # Ray starts every worker at niceness 15, below its own
+                      # daemons: here the training workers must come first.
+                      RAY_worker_niceness="0")
+    os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # A local in-process Ray listens on loopback only; token auth would keep a
-    # token in the user's home directory, outside the repo and temp dir.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    # Ray reads both switches from the environment when it is imported; this
+    # process may have imported it already (the Ray processes it starts read
+    # them fresh). Ray's own token set-up refreshes its config the same way.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
     ray.init(
         num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
         # The dashboard hosts Ray's state API, which Train V2's controller and
@@ -65,17 +135,101 @@ def init(cfg, root: Path) -> None:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         _temp_dir=str(tmp),
-        runtime_env={"env_vars": env},
-        logging_level=logging.WARNING,
-        configure_logging=True,
+        runtime_env={"env_vars": _runtime_env_vars()},
+        configure_logging=False,
+        log_to_driver=True,
     )
+    gcs = ray.get_runtime_context().gcs_address
+    if not gcs.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
+        ray.shutdown()
+        raise PipelineError(f"ray: the local Ray came up at {gcs}, not on loopback; refusing to run")
 
 
-def shutdown() -> None:
+@contextmanager
+def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[None]:
+    """Ray for the duration of the block: the configured cluster, or a private local one.
+
+    Ray's console output goes to `log_file`; lines our workers print with the
+    stage's `[stage]` prefix are shown. A local Ray is shut down and its temp
+    dir removed when the block ends, however it ends.
+    """
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    if ray.is_initialized():  # already set up by this process (tests, sweeps)
+        yield
+        return
+    addr = address(cfg)
+    tmp = renicer = None
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with console.ray_output(stage, log_file):
+        try:
+            if addr:
+                _connect(cfg, addr)
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+                _start_local(cfg, tmp)
+                renicer = _Renicer(cfg.ray.local_daemon_niceness)
+            console.attach(stage, log_file)
+            yield
+        finally:
+            if renicer is not None:
+                renicer.stop()
+            console.detach()
+            if ray.is_initialized():
+                ray.shutdown()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Renicer:
+    """Lowers the CPU priority of the local Ray's daemons while training runs.
+
+    gcs, dashboard, agents, monitors and the Train controller wake up every
+    second or so; at equal priority each wake-up stalls the training threads,
+    which on a 2-core machine hold both cores. Training workers, idle workers
+    (which become training workers) and the raylet (whose niceness the workers
+    it forks would inherit) keep theirs. Re-scanned every 2 s, since actors
+    start after `ray.init`.
+    """
+
+    def __init__(self, niceness: int):
+        import threading
+
+        self.niceness = niceness
+        self.done = threading.Event()
+        self.thread = None
+        if niceness > 0:
+            self.scan()
+            self.thread = threading.Thread(target=self.loop, name="ray-renicer", daemon=True)
+            self.thread.start()
+
+    def loop(self) -> None:
+        while not self.done.wait(2.0):
+            self.scan()
+
+    def scan(self) -> None:
+        import psutil
+
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if self.is_daemon(proc.cmdline(), proc.name()) and proc.nice() < self.niceness:
+                    proc.nice(self.niceness)
+            except (psutil.Error, OSError):
+                continue  # gone, or not ours to change
+
+    @staticmethod
+    def is_daemon(cmdline: list[str], name: str) -> bool:
+        title = cmdline[0] if cmdline else name
+        if title.startswith("ray::"):  # an actor or task process, titled by Ray
+            return not title.startswith((TRAIN_WORKER_TITLE, "ray::IDLE"))
+        if any("default_worker.py" in part for part in cmdline[:3]):
+            return False  # a worker still starting up: it may become a training worker
+        return name != "raylet"
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
 
 def storage_path(cfg, root: Path) -> str:
@@ -84,6 +238,14 @@ def storage_path(cfg, root: Path) -> str:
         return sp
     p = Path(sp)
     return str(p if p.is_absolute() else (layout.state_root(root) / p).resolve())
+
+
+def run_dir(cfg, root: Path, name: str) -> Path:
+    """A local directory for the Ray run's lock and log: inside it when storage is local."""
+    sp = storage_path(cfg, root)
+    if "://" in sp:
+        return layout.state_root(root) / "ray_runs" / name
+    return Path(sp) / name
 
 
 def scaling_config(cfg):
@@ -107,10 +269,14 @@ def torch_config(cfg):
 
 def run_config(cfg, root: Path, name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.v2.api.config import LoggingConfig
 
     return RunConfig(
         name=name,
         storage_path=storage_path(cfg, root),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        # Ray Train's INFO lines (resource requests, each report) stay in its
+        # session log files; warnings still reach our log file.
+        logging_config=LoggingConfig(log_level="WARNING"),
     )

@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from .errors import PipelineError
 
@@ -25,8 +25,16 @@ from .errors import PipelineError
 VARIANTS = ("iformer_t", "iformer_s", "iformer_m", "iformer_l", "iformer_l2", "iformer_h")
 
 
+# Strict: YAML already gives real numbers and booleans, so `"6"`, `true` for a
+# number or `"yes"` for a flag is a mistake to report, not a value to coerce.
+# Paths and pairs come from YAML as strings and lists, so those two containers
+# stay lax while their elements stay strict.
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+LaxPath = Annotated[Path, Strict(False)]
+Pair = Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Strict(False)]
 
 
 class ModelConfig(_Section):
@@ -40,7 +48,7 @@ class DataConfig(_Section):
     # digits: ImageFolder made from scikit-learn's bundled handwritten digits.
     # imagefolder: ImageNet layout under `root` (train/<class>/*, val/<class>/*).
     source: Literal["digits", "imagefolder"] = "digits"
-    root: Optional[Path] = None
+    root: Optional[LaxPath] = None
     image_size: int = Field(64, ge=32, le=1024)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # digits only
     split_seed: int = 0
@@ -66,8 +74,8 @@ class DataConfig(_Section):
 class AugConfig(_Section):
     rand_augment: Optional[str] = None  # timm auto_augment string, e.g. rand-m9-mstd0.5-inc1
     hflip: float = Field(0.0, ge=0.0, le=1.0)
-    scale: tuple[float, float] = (0.7, 1.0)
-    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    scale: Pair = (0.7, 1.0)
+    ratio: Pair = (0.75, 4.0 / 3.0)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     re_prob: float = Field(0.0, ge=0.0, le=1.0)
     mixup: float = Field(0.0, ge=0.0)
@@ -96,7 +104,7 @@ class OptimConfig(_Section):
     base_lr: float = Field(2e-3, gt=0.0, le=10.0)
     base_batch_size: int = Field(64, gt=0)
     weight_decay: float = Field(0.05, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Pair = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     clip_grad: Optional[float] = Field(None, gt=0.0)
 
@@ -120,16 +128,16 @@ class TrainConfig(_Section):
     # Start from this checkpoint: a Ray Train checkpoint dir / state.pt (full
     # training state) or a pretrain model.pt (weights only). Runs interrupted
     # with the same config resume from ray.storage_path by themselves.
-    resume_from: Optional[Path] = None
+    resume_from: Optional[LaxPath] = None
 
 
 class DistillConfig(_Section):
     enabled: bool = False
     teacher: str = "regnety_160"
-    # A local file with the teacher's state dict; a DVC dependency of `pretrain`.
-    # The default names the committed `teachers/` folder so the dependency exists
+    # A file with the teacher's state dict, inside the repo's `teachers/`
+    # folder (a link there is fine), which is a DVC dependency of `pretrain`.
     # when distillation is off.
-    teacher_checkpoint: Path = Path("teachers")
+    teacher_checkpoint: LaxPath = Path("teachers/regnety_160.pth")
     kind: Literal["hard"] = "hard"
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the distillation term
 
@@ -142,10 +150,16 @@ class RayConfig(_Section):
     cpus_per_worker: float = Field(2.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    storage_path: Path = Path("ray_results")
+    storage_path: LaxPath = Path("ray_results")
     max_failures: int = Field(0, ge=-1)
     # Local Ray only: cap on CPUs it may use (null: all of this machine's).
     local_num_cpus: Optional[int] = Field(None, gt=0)
+    # Give up on a cluster that does not answer within this many seconds
+    # (checked before any run is opened; also bounds Ray's own reconnect loop).
+    connect_timeout_s: float = Field(15.0, gt=0.0, le=600.0)
+    # Local Ray only: CPU niceness of its daemons (gcs, dashboard, agents, the
+    # Train controller) so they yield to the training workers; 0 leaves them be.
+    local_daemon_niceness: int = Field(10, ge=0, le=19)
 
 
 class EvaluateConfig(_Section):
@@ -249,9 +263,13 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     if not path.is_file():
         raise PipelineError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML: {err}") from None
+        raise PipelineError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        # An empty file would silently mean "every built-in default"; the
+        # pipeline's settings live in this file, so say so instead.
+        raise PipelineError(f"{path}: is empty; restore it with `git checkout -- {path.name}`")
     return parse_config(data, str(path))
 
 

@@ -89,18 +89,35 @@ def _scan_class_dirs(split_dir: Path) -> list[str]:
     return classes
 
 
-def _files(class_dir: Path):
-    """Image files below one class folder (recursively), as sorted DirEntry-like tuples."""
-    stack, out = [class_dir], []
+def _files(class_dir: Path) -> list[tuple[str, int, int]]:
+    """Image files below one class folder (recursively, following links): sorted (path, size, mtime).
+
+    A folder reached twice (a symlink loop, or two links to one folder) and a
+    link to nothing are errors naming the path: both mean the tree is not what
+    its owner thinks it is.
+    """
+    stack, out, seen = [class_dir], [], set()
     while stack:
         d = stack.pop()
+        try:
+            st = d.stat()
+        except OSError as err:
+            raise PipelineError(f"data.root: {d}: {err.strerror or err} (a symlink loop?)") from None
+        if (st.st_dev, st.st_ino) in seen:
+            raise PipelineError(f"data.root: {d} leads to a folder already listed (a symlink loop or a duplicate link)")
+        seen.add((st.st_dev, st.st_ino))
         with os.scandir(d) as it:
             for e in it:
-                if e.is_dir(follow_symlinks=True):
-                    stack.append(Path(e.path))
-                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
-                    st = e.stat()
-                    out.append((e.path, st.st_size, st.st_mtime_ns))
+                try:
+                    if e.is_dir(follow_symlinks=True):
+                        stack.append(Path(e.path))
+                    elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                        est = e.stat()
+                        out.append((e.path, est.st_size, est.st_mtime_ns))
+                except FileNotFoundError:
+                    raise PipelineError(f"data.root: {e.path} is a link to nothing ({os.readlink(e.path)!r})") from None
+                except OSError as err:
+                    raise PipelineError(f"data.root: {e.path}: {err.strerror or err} (a symlink loop?)") from None
     return sorted(out)
 
 
@@ -123,11 +140,15 @@ def list_imagefolder(root: Path, verify: str, max_bad_fraction: float) -> Listin
     samples: dict[str, list[tuple[str, int]]] = {}
     bad: list[tuple[str, str]] = []
     total = 0
+    unlistable: list[str] = []
     for split, classes in (("train", train_classes), ("val", val_classes)):
         rows = []
         for c in classes:
             for path, size, mtime in _files(root / split / c):
                 rel = os.path.relpath(path, root)
+                if any(ch in rel for ch in "\t\n\r"):
+                    unlistable.append(rel)  # would break the one-sample-per-line listing
+                    continue
                 digest.update(f"{rel}\t{size}\t{mtime}\n".encode())
                 total += 1
                 reason = check_image(Path(path), verify)
@@ -135,6 +156,9 @@ def list_imagefolder(root: Path, verify: str, max_bad_fraction: float) -> Listin
                     bad.append((rel, reason))
                 else:
                     rows.append((rel, index[c]))
+        if unlistable:
+            raise PipelineError(f"data.root: {len(unlistable)} file names contain a tab or line break "
+                                f"(first: {unlistable[0]!r}); rename them")
         if not rows:
             raise PipelineError(f"data.root: {root / split} has no readable images")
         samples[split] = rows

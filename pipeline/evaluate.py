@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,13 @@ def check(cfg: Config, root: Path) -> Inputs:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     logits, targets = [], []
-    for images, y in loader:
+    start, seen, total = time.perf_counter(), 0, len(loader.dataset)
+    for i, (images, y) in enumerate(loader):
         logits.append(model(images).float())
         targets.append(y)
+        seen += len(y)
+        if (i + 1) % 10 == 0 or seen == total:
+            log.info("evaluated %d/%d images (%.0f img/s)", seen, total, seen / (time.perf_counter() - start))
     return torch.cat(logits), torch.cat(targets)
 
 

@@ -14,12 +14,13 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, cluster, layout
+from . import checkpoint, cluster, layout, lifecycle
 from .config import Config
 from .data import Prepared
 from .errors import PipelineError
@@ -57,6 +58,9 @@ def check(cfg: Config, root: Path) -> Inputs:
 
         path = Path(cfg.distill.teacher_checkpoint)
         path = path if path.is_absolute() else root / path
+        if not path.absolute().is_relative_to(root / "teachers"):
+            raise PipelineError(f"distill.teacher_checkpoint: {path} is outside {root / 'teachers'}, so DVC "
+                                "would not see it change; copy or link it into teachers/")
         try:
             load_teacher(cfg.distill.teacher, path, prepared.num_classes)
         except TeacherError as err:
@@ -65,23 +69,26 @@ def check(cfg: Config, root: Path) -> Inputs:
     if cfg.train.resume_from is not None:
         src = Path(cfg.train.resume_from)
         src = src / checkpoint.STATE_FILE if src.is_dir() else src
-        obj = torch.load(src, map_location="cpu", weights_only=True) if src.is_file() else None
-        if obj is None:
-            raise PipelineError(f"train.resume_from: {src} does not exist")
-        if not isinstance(obj, dict) or "variant" not in obj:
-            raise PipelineError(f"train.resume_from: {src} is not a pretrain checkpoint")
+        obj = checkpoint.load_any(src, "train.resume_from")
+        if "variant" not in obj:
+            raise PipelineError(f"train.resume_from: {src} is not a pretrain checkpoint (no variant recorded)")
         checkpoint.check_compatible(obj, variant=cfg.model.variant, num_classes=prepared.num_classes,
                                     distillation=cfg.distill.enabled, what="train.resume_from", path=src)
-    return Inputs(prepared, run_name(cfg, prepared), teacher_path)
+    cluster.check(cfg)
+    name = run_name(cfg, prepared)
+    # One trainer per Ray run: a second `dvc repro` (or a leftover process)
+    # on the same run would write the same checkpoints.
+    lifecycle.exclusive(cluster.run_dir(cfg, root, name) / ".lock", "pretrain")
+    return Inputs(prepared, name, teacher_path)
 
 
 def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
     """Run the Ray Train job; returns the final training state dict."""
+    from ray.train import TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from .train import train_loop_per_worker
 
-    cluster.init(cfg, root)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -95,13 +102,36 @@ def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
         run_config=cluster.run_config(cfg, root, inputs.run_name),
         torch_config=cluster.torch_config(cfg),
     )
-    result = trainer.fit()
+    log_file = cluster.run_dir(cfg, root, inputs.run_name) / "ray.log"
+    with cluster.session(cfg, root, "pretrain", log_file):
+        log.info("Ray's own log: %s", log_file)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            raise PipelineError(training_failure(err, cfg, log_file)) from None
     if result.checkpoint is None:
         raise PipelineError(f"ray run {inputs.run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = checkpoint.load_training_state(Path(d) / checkpoint.STATE_FILE, "final ray checkpoint")
     state["ray_checkpoint"] = result.checkpoint.path
     return state
+
+
+def training_failure(err, cfg: Config, log_file: Path) -> str:
+    """One line for a failed Ray Train run: which worker, why, and how to go on."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank, exc = sorted(failures.items())[0]
+        cause = str(exc).strip().splitlines()
+        what = f"training worker rank {rank} failed: {type(exc).__name__}: {cause[-1] if cause else ''}".rstrip(": ")
+        if len(failures) > 1:
+            what += f" (and {len(failures) - 1} more)"
+    else:
+        lines = str(getattr(err, "controller_failure", err)).strip().splitlines()
+        what = f"the Ray Train run failed: {lines[-1] if lines else type(err).__name__}"
+    return (f"ray: {what}; rerun `dvc repro` to resume from the last checkpoint"
+            + ("" if cfg.ray.max_failures else ", or set ray.max_failures to restart workers by itself")
+            + f" (details: {log_file})")
 
 
 def write_history(history: list[dict], path: Path) -> None:
@@ -140,7 +170,10 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     mlflow.log_artifact(str(out / "history.csv"), "pretrain")
     mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.checkpoint_sha256": digest})
     if cfg.mlflow.log_model:
+        start = time.perf_counter()
+        log.info("logging the model to MLflow (torch.export; mlflow.log_model: false skips this)")
         log_model(cfg, out / "model.pt")
+        log.info("model logged in %.1f s", time.perf_counter() - start)
     write_manifest(
         "pretrain", root, srun,
         ray_run_name=inputs.run_name,

@@ -49,7 +49,7 @@ def _imagenet(v: str, distill: bool) -> dict:
         "schedule": {"warmup_epochs": 20, "warmup_lr": 0.0, "min_lr": 1e-6},
         "train": {"epochs": epochs, "batch_size": batch, "ema_decay": ema},
         "distill": {"enabled": distill, "teacher": "regnety_160",
-                    "teacher_checkpoint": "teachers/regnety_160.pth" if distill else "teachers",
+                    "teacher_checkpoint": "teachers/regnety_160.pth",
                     "kind": "hard", "alpha": 0.5},
         "evaluate": {"batch_size": 256},
     }
@@ -91,6 +91,34 @@ def build(name: str, keep: dict | None = None, overrides: dict | None = None):
     return parse_config(data, f"recipe {name}")
 
 
+def rewrite(text: str, values: dict) -> str:
+    """`text` (a params.yaml) with `values` written in, its comments and layout kept."""
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    rt = YAML()
+    rt.width = 4096
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(text)
+
+    def assign(node, new: dict) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(node.get(k), dict):
+                assign(node[k], v)
+            elif node.get(k) != v:
+                if isinstance(v, list):  # keep pairs on one line, as the file writes them
+                    v = CommentedSeq(v)
+                    v.fa.set_flow_style()
+                node[k] = v
+
+    assign(doc, values)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    return out.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import dump_config
 
@@ -119,11 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.params)
         keep = yaml.safe_load(path.read_text()) if path.exists() else None
         cfg = build(args.name, keep=keep if isinstance(keep, dict) else None, overrides=overrides)
+        if cfg.data.source == "imagefolder":
+            from .data import check_prepare
+
+            check_prepare(cfg, path.parent)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(f"# Written by `python -m pipeline.recipes {args.name}`.\n" + dump_config(cfg))
+    tmp.write_text(rewrite(path.read_text(), cfg.to_dict()) if path.exists() else
+                   f"# Written by `python -m pipeline.recipes {args.name}`.\n" + dump_config(cfg))
     tmp.replace(path)
     print(f"wrote {path} (recipe {args.name}, lr {cfg.lr:g} at global batch {cfg.train.batch_size})")
     return 0

@@ -3,7 +3,9 @@
 A stage is two functions from `pipeline/`: `check(cfg, root)` validates every
 input it will read and returns them (no MLflow run, no Ray yet), and
 `run(cfg, root, inputs, stage_run)` does the work inside the stage's MLflow child
-run. Bad input becomes one `error: ...` line and exit status 2.
+run. Bad input becomes one `error: ...` line and exit status 2; a stage
+stopped by a signal or by the death of its `dvc` (see `lifecycle`) ends its
+MLflow runs as KILLED, says so in one line and exits 128 + the signal number.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import layout, tracking
+from . import layout, lifecycle, tracking
 from .config import Config, load_config
 from .errors import PipelineError
 
@@ -25,11 +27,12 @@ def main(stage: str, check: Check, run: Run, argv: list[str] | None = None) -> i
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
     ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
     args = ap.parse_args(argv)
+    lifecycle.install()
     tracking.configure_environment()
     logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s", stream=sys.stderr)
     root = layout.repo_root()
     try:
-        cfg = load_config(args.params or root / "params.yaml")
+        cfg = _load(args.params or root / "params.yaml")
         uri = tracking.tracking_uri(cfg, root)
         tracking.check_reachable(uri)
         inputs = check(cfg, root)
@@ -38,7 +41,24 @@ def main(stage: str, check: Check, run: Run, argv: list[str] | None = None) -> i
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, lifecycle.Interrupted) as err:
+        why = err.reason if isinstance(err, lifecycle.Interrupted) else "SIGINT"
+        print(f"error: {stage}: interrupted ({why}); nothing was recorded as finished, and a rerun "
+              "picks up from the last checkpoint", file=sys.stderr)
+        return lifecycle.exit_status(err)
     return 0
+
+
+def _load(path) -> Config:
+    try:
+        return load_config(path)
+    except PipelineError as err:
+        if tracking.dvc_experiment():
+            # `dvc exp run -S` writes its values into the workspace's params
+            # file before the stage runs, and leaves them there when it fails.
+            raise PipelineError(f"{err} (`dvc exp run -S` left this value in {Path(path).name}; "
+                                f"restore it with `git checkout -- {Path(path).name}`)") from None
+        raise
 
 
 def exit_with(stage: str, check: Check, run: Run) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -30,6 +31,10 @@ TAG_STAGE = "iformer.stage"
 TAG_INVOCATION = "iformer.invocation"
 TAG_LINKED_FROM = "iformer.linked_from"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_REPO = "iformer.repo"
+TAG_OWNER = "iformer.owner"  # host:pid:start-ms of the process whose death ends the run
+#: What MLflow's tracking stores accept (a database URI may name a driver: mysql+pymysql://).
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 def configure_environment() -> None:
@@ -69,6 +74,9 @@ def check_reachable(uri: str) -> None:
             raise PipelineError(f"{field}: cannot create {db.parent} ({err})") from None
     elif uri.startswith("sqlite:") or "://" not in uri and not uri.startswith("/"):
         raise PipelineError(f"{field}: {uri!r} is not a tracking URI (sqlite:////abs/path.db, http(s)://host, file:///dir)")
+    elif "://" in uri and uri.split("://", 1)[0].split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise PipelineError(f"{field}: {uri!r} has an unknown scheme; use one of "
+                            f"{', '.join(s + '://' for s in TRACKING_SCHEMES)}")
 
 
 def dvc_experiment() -> str:
@@ -76,21 +84,63 @@ def dvc_experiment() -> str:
     return os.environ.get("DVC_EXP_NAME", "")
 
 
-def invocation_key() -> str:
-    explicit = os.environ.get("IFORMER_PIPELINE_RUN")
-    if explicit:
-        return explicit
-    exp = dvc_experiment()
+def _dvc_process():
+    """The `dvc` process this stage runs under, if any."""
     try:
         import psutil
 
         for proc in psutil.Process().parents():
             cmd = proc.cmdline()
             if any(os.path.basename(a) == "dvc" for a in cmd[:3]) or cmd[1:3] == ["-m", "dvc"]:
-                return f"dvc:{proc.pid}:{int(proc.create_time() * 1000)}:{exp}"
+                return proc
     except Exception:  # psutil may be denied on some systems: fall back to standalone
         pass
+    return None
+
+
+def _started_ms(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).create_time() * 1000)
+    except (psutil.Error, OSError):
+        return None
+
+
+def owner(pid: int | None = None) -> str:
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_started_ms(pid)}"
+
+
+def invocation_key() -> str:
+    explicit = os.environ.get("IFORMER_PIPELINE_RUN")
+    if explicit:
+        return explicit
+    proc = _dvc_process()
+    if proc is not None:
+        return f"dvc:{proc.pid}:{_started_ms(proc.pid)}:{dvc_experiment()}"
     return f"standalone:{os.getpid()}:{int(time.time() * 1000)}"
+
+
+def _owner_alive(tag: str) -> bool:
+    host, pid, started = tag.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True  # another machine's process: not ours to judge
+    return pid.isdigit() and str(_started_ms(int(pid))) == started
+
+
+def close_stale_runs(client, exp_id: str, root: Path) -> list[str]:
+    """Mark KILLED the RUNNING runs of this repo whose owning process is gone (a `kill -9`)."""
+    repo = str(layout.state_root(root))
+    stale = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(TAG_REPO) != repo or not tags.get(TAG_OWNER) or _owner_alive(tags[TAG_OWNER]):
+            continue
+        client.set_tag(run.info.run_id, "iformer.closed_because", "its process was gone when the next pipeline run started")
+        client.set_terminated(run.info.run_id, "KILLED")
+        stale.append(run.info.run_id)
+    return stale
 
 
 def git_commit(root: Path) -> str:
@@ -142,9 +192,12 @@ def _parent_run(client, exp_id: str, cfg, root: Path) -> str:
     if found:
         return found[0].info.run_id
     exp_name = dvc_experiment()
+    dvc_proc = _dvc_process() if key.startswith("dvc:") else None
     tags = {
         TAG_KIND: "pipeline",
         TAG_INVOCATION: key,
+        TAG_REPO: str(layout.state_root(root)),
+        TAG_OWNER: owner(dvc_proc.pid if dvc_proc else None),
         "iformer.git_commit": git_commit(root),
         "iformer.dvc_experiment": exp_name or "workspace",
         "iformer.params_hash": cfg.params_hash(),
@@ -214,17 +267,23 @@ def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
     import mlflow
 
     uri, client, exp_id = _connect(cfg, root)
+    close_stale_runs(client, exp_id, root)
     parent_id = _parent_run(client, exp_id, cfg, root)
     client.update_run(parent_id, status="RUNNING")
     _link_upstream(client, exp_id, parent_id, stage, root)
     tags = {TAG_STAGE: stage, "iformer.git_commit": git_commit(root), "iformer.params_hash": cfg.params_hash(),
-            "iformer.dvc_experiment": dvc_experiment() or "workspace"}
+            "iformer.dvc_experiment": dvc_experiment() or "workspace",
+            TAG_REPO: str(layout.state_root(root)), TAG_OWNER: owner()}
     run = mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags)
     _log_config(client, run.info.run_id, cfg)
     status = "FAILED"
     try:
         yield StageRun(run.info.run_id, parent_id, uri, exp_id)
         status = "FINISHED"
+    except BaseException as err:
+        if not isinstance(err, Exception):  # KeyboardInterrupt, lifecycle.Interrupted
+            status = "KILLED"
+        raise
     finally:
         mlflow.end_run(status)
         client.set_terminated(parent_id, status)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,11 +22,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .checkpoint import STATE_FILE, check_compatible, load_training_state, load_weights
+from . import console
+from .checkpoint import STATE_FILE, check_compatible, load_any, load_training_state, load_weights
 from .config import Config
 from .data import ImageListDataset, Prepared, build_transforms
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def say(message: str) -> None:
+    """A console line of the pretrain stage (the driver shows these, Ray's chatter goes to its log)."""
+    console.say("pretrain", message)
 
 
 # -- pieces ---------------------------------------------------------------------
@@ -190,8 +195,8 @@ def print_progress(total_epochs: int):
         width = 24
         filled = int(width * batch / batches)
         bar = "#" * filled + "." * (width - filled)
-        print(f"epoch {epoch + 1}/{total_epochs} [{bar}] {batch}/{batches} "
-              f"| {ips:.1f} img/s | loss {loss:.4f} | lr {lr:.2e}", file=sys.stderr, flush=True)
+        say(f"epoch {epoch + 1}/{total_epochs} [{bar}] {batch}/{batches} "
+            f"| {ips:.1f} img/s | loss {loss:.4f} | lr {lr:.2e}")
     return show
 
 
@@ -250,7 +255,7 @@ def initial_state(cfg: Config, num_classes: int) -> tuple[dict | None, str]:
     src = Path(src)
     if src.is_dir():
         src = src / STATE_FILE
-    obj = torch.load(src, map_location="cpu", weights_only=True)
+    obj = load_any(src, "train.resume_from")
     if "format" in obj:  # final weights: initialise the model only
         obj = load_weights(src, "train.resume_from")
         check_compatible(obj, variant=cfg.model.variant, num_classes=num_classes,
@@ -294,8 +299,8 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, step, history = restore(c, state)
     logger = MetricLogger(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     if rank == 0:
-        print(f"rank 0/{world} on {device} ({torch.get_num_threads()} threads): {cfg.model.variant}, {len(train_loader)} steps/epoch, "
-              f"lr {cfg.lr:.3g}, starting at epoch {start_epoch} from {origin}", file=sys.stderr, flush=True)
+        say(f"rank 0/{world} on {device} ({torch.get_num_threads()} threads): {cfg.model.variant}, "
+            f"{len(train_loader)} steps/epoch, lr {cfg.lr:.3g}, starting at epoch {start_epoch} from {origin}")
         for row in history:  # a resumed run carries the earlier epochs into its MLflow run
             logger.log(row)
     progress = print_progress(cfg.train.epochs) if rank == 0 else None
@@ -329,7 +334,6 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(row)
         if rank == 0:
             logger.log(row)
-            print(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {row['train_loss']:.4f} "
-                  f"val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f} "
-                  f"{row['img_per_sec']:.1f} img/s", file=sys.stderr, flush=True)
+            say(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {row['train_loss']:.4f} "
+                f"val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f} {row['img_per_sec']:.1f} img/s")
         report(row)

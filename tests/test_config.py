@@ -48,6 +48,13 @@ def test_variants_are_timms():
         ("recipe", "imagenet_giant", "recipe = 'imagenet_giant': unknown recipe"),
         ("model.dropout", 0.1, "model.dropout = 0.1: unknown key"),
         ("ray.num_workers", 0, "ray.num_workers = 0"),
+        # YAML gives real numbers and booleans: anything else is a typo, never coerced.
+        ("train.epochs", True, "train.epochs = True: Input should be a valid integer"),
+        ("train.epochs", "6", "train.epochs = '6'"),
+        ("ray.use_gpu", "yes", "ray.use_gpu = 'yes': Input should be a valid boolean"),
+        ("optim.base_lr", "1e-3", "optim.base_lr = '1e-3'"),
+        ("aug.scale", ["0.5", 1.0], "aug.scale.0 = '0.5'"),
+        ("ray.connect_timeout_s", 0, "ray.connect_timeout_s = 0"),
     ],
 )
 def test_bad_value_names_field_and_value(path, value, needle):
@@ -90,6 +97,22 @@ def test_params_hash_tracks_values():
     b = Config.model_validate(copy.deepcopy(a.to_dict()) | {"train": {**a.to_dict()["train"], "epochs": 7}})
     assert a.params_hash() == Config().params_hash()
     assert a.params_hash() != b.params_hash()
+
+
+def test_numbers_and_paths_from_yaml_still_parse():
+    data = base()
+    data["optim"]["base_lr"] = 1  # an int where a float is due is a number all the same
+    data["train"]["resume_from"] = "ray_results/run/epoch-0001"
+    cfg = parse_config(data)
+    assert cfg.optim.base_lr == 1.0 and cfg.train.resume_from.name == "epoch-0001"
+    assert cfg.aug.scale == (0.7, 1.0)
+
+
+def test_an_empty_params_file_is_refused(tmp_path):
+    empty = tmp_path / "params.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(PipelineError, match="params.yaml: is empty; restore it with `git checkout -- params.yaml`"):
+        load_config(empty)
 
 
 def test_missing_and_malformed_files(tmp_path):

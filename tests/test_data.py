@@ -120,3 +120,26 @@ def test_paper_randaugment_survives_max_magnitude():
         t = rand_augment_transform(policy, hparams)
         for _ in range(600):
             assert t(img).size == img.size
+
+
+def test_links_that_loop_or_lead_nowhere_are_named(tmp_path):
+    loop = _tree(tmp_path / "loop")
+    (loop / "train" / "cat" / "again").symlink_to(loop / "train")  # a folder containing itself
+    with pytest.raises(PipelineError, match="data.root: .*loop/train.* symlink loop"):
+        list_imagefolder(loop, "none", 0.0)
+    self_link = _tree(tmp_path / "self")
+    (self_link / "train" / "cat" / "me.png").symlink_to(self_link / "train" / "cat" / "me.png")
+    with pytest.raises(PipelineError, match="data.root: .*me.png: Too many levels of symbolic links"):
+        list_imagefolder(self_link, "none", 0.0)
+    dangling = _tree(tmp_path / "dangling")
+    (dangling / "val" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(PipelineError, match=r"data.root: .*gone.png is a link to nothing \('.*nowhere.png'\)"):
+        list_imagefolder(dangling, "none", 0.0)
+
+
+def test_names_that_would_break_the_listing_are_refused_with_a_count(tmp_path):
+    root = _tree(tmp_path / "names")
+    for name in ("a\nb.png", "c\td.png"):
+        Image.new("RGB", (4, 4)).save(root / "train" / "cat" / name)
+    with pytest.raises(PipelineError, match=r"data.root: 2 file names contain a tab or line break \(first: 'train/cat/a\\nb.png'\)"):
+        list_imagefolder(root, "none", 0.0)

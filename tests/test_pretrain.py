@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 STAGE_DEFAULTS = {
     "train": {"epochs": 1, "ema_decay": None, "resume_from": None, "batch_size": 64},
-    "distill": {"enabled": False, "teacher": "regnety_160", "teacher_checkpoint": "teachers"},
+    "distill": {"enabled": False, "teacher": "regnety_160", "teacher_checkpoint": "teachers/regnety_160.pth"},
     "ray": {"num_workers": 1, "cpus_per_worker": 2.0},
 }
 

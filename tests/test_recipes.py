@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from pipeline.errors import PipelineError
+from conftest import ROOT
+from pipeline.config import load_config
 from pipeline.recipes import RECIPES, build
 
 # Table 9 of the paper, per variant: drop path, layer scale, base lr, batch.
@@ -61,12 +63,15 @@ def test_apply_command_rewrites_params_keeping_cluster_settings(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"ray": {"address": "ray://head:10001", "num_workers": 8},
                                       "mlflow": {"tracking_uri": "http://mlflow:5000"}}))
-    out = subprocess.run([sys.executable, "-m", "pipeline.recipes", "iformer_l", "--data-root", "/data/in1k",
+    in1k = tmp_path / "in1k"
+    for split in ("train", "val"):
+        (in1k / split / "n01440764").mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "pipeline.recipes", "iformer_l", "--data-root", str(in1k),
                           "--set", "train.batch_size=1024", "--params", str(params)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     written = yaml.safe_load(params.read_text())
-    assert written["recipe"] == "iformer_l" and written["data"]["root"] == "/data/in1k"
+    assert written["recipe"] == "iformer_l" and written["data"]["root"] == str(in1k)
     assert written["ray"]["address"] == "ray://head:10001" and written["ray"]["num_workers"] == 8
     assert written["mlflow"]["tracking_uri"] == "http://mlflow:5000"
     assert written["train"]["batch_size"] == 1024 and written["model"]["drop_path"] == 0.1
@@ -74,3 +79,24 @@ def test_apply_command_rewrites_params_keeping_cluster_settings(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown recipe 'iformer_zz'" in bad.stderr
     assert yaml.safe_load(params.read_text()) == written, "a failed apply must not touch params.yaml"
+
+
+def test_apply_keeps_comments_and_refuses_a_missing_data_root(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    bad = subprocess.run([sys.executable, "-m", "pipeline.recipes", "iformer_m", "--data-root", str(tmp_path / "none"),
+                          "--params", str(params)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: data.root: ") and "Traceback" not in bad.stderr
+    assert params.read_text() == (ROOT / "params.yaml").read_text(), "a refused apply leaves the file alone"
+
+    for split in ("train", "val"):
+        (tmp_path / "in1k" / split / "n01440764").mkdir(parents=True)
+    ok = subprocess.run([sys.executable, "-m", "pipeline.recipes", "iformer_m", "--data-root", str(tmp_path / "in1k"),
+                         "--params", str(params)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    text = params.read_text()
+    original = (ROOT / "params.yaml").read_text()
+    comments = [line.split("#", 1)[1] for line in original.splitlines() if "#" in line]
+    assert all(c in text for c in comments), "every comment of params.yaml survives"
+    assert "scale: [0.08, 1.0]" in text and "clip_grad: null" in text
+    assert load_config(params).model.variant == "iformer_m"

@@ -43,3 +43,52 @@ def test_dvc_repro_with_bad_params_commits_nothing(tiny_repo):
     assert out.returncode != 0
     assert "train.epochs = 0" in out.stdout + out.stderr
     assert not (tiny_repo.path / "dvc.lock").exists()
+
+
+def test_unknown_tracking_scheme_fails_before_the_stage_checks(tiny_repo):
+    tiny_repo.set_params({"mlflow": {"tracking_uri": "bogus://x"}})
+    _fails_cleanly(tiny_repo, "prepare", "mlflow.tracking_uri / MLFLOW_TRACKING_URI: 'bogus://x' has an unknown scheme")
+    assert not (tiny_repo.path / "artifacts" / "prepare").exists()
+
+
+def test_empty_params_file_is_refused_by_the_stage_and_by_dvc(tiny_repo):
+    (tiny_repo.path / "params.yaml").write_text("")
+    _fails_cleanly(tiny_repo, "prepare", "params.yaml: is empty")
+    out = tiny_repo.run("dvc", "repro", check=False)
+    assert out.returncode != 0 and "missing from 'params.yaml'" in out.stdout + out.stderr
+
+
+def test_resume_from_a_file_that_is_no_checkpoint(prepared_repo):
+    junk = prepared_repo.path / "notes.pt"
+    junk.write_text("these are notes, not tensors\n")
+    prepared_repo.set_params({"train": {"resume_from": str(junk)}})
+    try:
+        out = _fails_cleanly(prepared_repo, "pretrain", f"train.resume_from: {junk} is not a loadable checkpoint")
+        assert len(out.stderr) < 1000
+    finally:
+        prepared_repo.set_params({"train": {"resume_from": None}})
+
+
+def test_unreachable_ray_cluster_fails_fast_before_any_run(prepared_repo):
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    prepared_repo.set_params({"ray": {"address": f"127.0.0.1:{port}", "connect_timeout_s": 5.0}})
+    before = len(prepared_repo.runs())
+    try:
+        start = time.time()
+        _fails_cleanly(prepared_repo, "pretrain", f"ray.address: nothing answers at 127.0.0.1:{port} within 5 s")
+        assert time.time() - start < 60
+    finally:
+        prepared_repo.set_params({"ray": {"address": None}})
+    assert len(prepared_repo.runs()) == before
+
+
+def test_bad_exp_run_value_says_how_to_restore_params(tiny_repo):
+    out = tiny_repo.run("dvc", "exp", "run", "-S", "train.epochs=abc", check=False)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "train.epochs = 'abc'" in text and "git checkout -- params.yaml" in text, text[-3000:]
+    assert "Traceback" not in text

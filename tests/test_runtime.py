@@ -1,0 +1,214 @@
+"""The local runtime: Ray locked to loopback with a token, and stage processes that die cleanly.
+
+Real Ray, real DVC, real MLflow; processes are killed by PID as a user (or the
+OOM killer) would.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from conftest import make_repo
+from pipeline import tracking
+
+pytestmark = pytest.mark.slow
+
+FAST = {"train": {"epochs": 2, "log_every_batches": 5}, "data": {"image_size": 32},
+        "mlflow": {"log_model": False}}
+
+PROBE = textwrap.dedent("""
+    import json, os, subprocess, sys
+    from pathlib import Path
+    import psutil
+    from pipeline import cluster
+    from pipeline.config import Config
+
+    with cluster.session(Config(), Path.cwd(), "probe", Path(sys.argv[1]) / "ray.log"):
+        import ray
+        gcs = ray.get_runtime_context().gcs_address
+        me = psutil.Process()
+        listeners = []
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                listeners += [[p.pid, p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections("inet")
+                              if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                pass
+        token = os.environ["RAY_AUTH_TOKEN_PATH"]
+        # Someone on this machine with the address but not the token.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        intruder = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs!r}); print('CONNECTED')"],
+                                  env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+                                  capture_output=True, text=True, timeout=300)
+        print(json.dumps({"gcs": gcs, "listeners": listeners, "token": token,
+                          "token_mode": os.stat(token).st_mode & 0o777,
+                          "intruder": intruder.stdout + intruder.stderr[-2000:]}))
+    print(json.dumps({"token_left": os.path.exists(token)}))
+""")
+
+
+def test_local_ray_listens_on_loopback_only_and_refuses_callers_without_the_token(tmp_path):
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    info, after = lines
+    assert info["gcs"].startswith("127.0.0.1:")
+    kinds = {name for _, name, _, _ in info["listeners"]}
+    assert {"gcs_server", "raylet"} <= kinds, info["listeners"]
+    # From the OS's socket table: nothing of this Ray accepts connections from another address.
+    exposed = [entry for entry in info["listeners"] if entry[2] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert exposed == [], exposed
+    assert info["token_mode"] == 0o600 and info["token"].startswith("/tmp/ray-")
+    assert "CONNECTED" not in info["intruder"]
+    assert "authentication" in info["intruder"].lower() or "token" in info["intruder"].lower(), info["intruder"]
+    assert not after["token_left"], "the run's temp dir (with its token) is removed after shutdown"
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _all_gone(procs: list[psutil.Process], timeout: float = 30) -> list[str]:
+    deadline = time.time() + timeout
+    alive = procs
+    while time.time() < deadline:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.5)
+    return [f"{p.pid} {' '.join(p.cmdline()[:2])}" for p in alive]
+
+
+def _trainer_started(repo, proc) -> bool:
+    assert proc.poll() is None, "the stage ended early"
+    return any(p.cmdline() and p.cmdline()[0].startswith("ray::RayTrainWorker") for p in _descendants(proc.pid))
+
+
+def _start(repo, *cmd):
+    return subprocess.Popen(list(cmd), cwd=repo.path, env=repo.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.fixture
+def fast_repo(tmp_path):
+    import copy
+
+    return make_repo(tmp_path / "repo", copy.deepcopy(FAST))
+
+
+def test_second_trainer_is_refused_and_sigterm_marks_runs_killed(fast_repo):
+    repo = fast_repo
+    repo.stage("prepare")
+    first = _start(repo, sys.executable, "-m", "stages.pretrain")
+    try:
+        _wait_for(lambda: _trainer_started(repo, first), 300, "the first trainer")
+        before = len(repo.runs())
+        second = repo.stage_error("pretrain", f"pid {first.pid}")
+        assert "is in use by" in second.stderr
+        assert len(repo.runs()) == before, "the refused trainer opened no MLflow run"
+
+        family = _descendants(first.pid)
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: pretrain: interrupted (SIGTERM); nothing was recorded as finished, and a rerun picks up "
+        "from the last checkpoint"], err[-3000:]
+    assert "Traceback" not in err
+    assert _all_gone(family) == [], "the local Ray goes with the stage"
+    stage_runs = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
+    assert [r.info.status for r in stage_runs] == ["KILLED"]
+    parent = repo.mlflow_client().get_run(stage_runs[0].data.tags[tracking.TAG_PARENT])
+    assert parent.info.status == "KILLED"
+    assert not (repo.path / "artifacts/pretrain/manifest.json").exists()
+
+
+def test_killing_dvc_stops_the_trainer_and_the_next_repro_resumes(fast_repo):
+    repo = fast_repo
+    dvc = _start(repo, "dvc", "repro")
+    try:
+        ckpt = lambda: list((repo.path / "ray_results").glob("pretrain-*/epoch-0001/state.pt"))  # noqa: E731
+        _wait_for(ckpt, 600, "the first epoch's checkpoint")
+        stage = next(p for p in psutil.Process(dvc.pid).children() if "stages.pretrain" in " ".join(p.cmdline()))
+        family = [stage, *stage.children(recursive=True)]
+        os.kill(dvc.pid, signal.SIGKILL)  # as the OOM killer or a closed terminal would
+        dvc.wait(timeout=30)
+        assert _all_gone(family, timeout=60) == [], "no orphaned trainer or Ray daemon"
+    finally:
+        os.killpg(dvc.pid, signal.SIGKILL)
+    runs = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+    again = repo.run("dvc", "repro", timeout=900)
+    assert "starting at epoch 1 from ray checkpoint" in again.stderr, again.stderr[-3000:]
+    statuses = sorted(r.info.status for r in repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'"))
+    assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_sigkilled_stage_takes_its_ray_along_and_its_runs_are_closed_next_time(fast_repo):
+    repo = fast_repo
+    repo.stage("prepare")
+    stage = _start(repo, sys.executable, "-m", "stages.pretrain")
+    try:
+        _wait_for(lambda: _trainer_started(repo, stage), 300, "the trainer")
+        family = _descendants(stage.pid)
+        os.kill(stage.pid, signal.SIGKILL)  # no handler runs: nothing can mark its runs
+        stage.wait(timeout=30)
+        assert _all_gone(family, timeout=60) == [], "Ray's processes share the stage's fate"
+    finally:
+        os.killpg(stage.pid, signal.SIGKILL)
+    [orphan] = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
+    assert orphan.info.status == "RUNNING"
+
+    again = repo.stage("pretrain")  # the next run closes what the dead process left open, and resumes
+    assert "from ray checkpoint" in again.stderr or "from scratch" in again.stderr
+    closed = repo.mlflow_client().get_run(orphan.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert "process was gone" in closed.data.tags["iformer.closed_because"]
+    parent = repo.mlflow_client().get_run(orphan.data.tags[tracking.TAG_PARENT])
+    assert parent.info.status == "KILLED"
+
+
+def test_a_dead_training_worker_ends_in_one_error_line(fast_repo):
+    repo = fast_repo
+    repo.stage("prepare")
+    stage = _start(repo, sys.executable, "-m", "stages.pretrain")
+    try:
+        _wait_for(lambda: _trainer_started(repo, stage), 300, "the trainer")
+        worker = next(p for p in _descendants(stage.pid) if p.cmdline()[0].startswith("ray::RayTrainWorker"))
+        time.sleep(2)
+        worker.kill()
+        _, err = stage.communicate(timeout=300)
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert stage.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "training worker rank 0 failed" in errors[0] and "resume" in errors[0], errors
+    assert "ray.max_failures" in errors[0] and "ray.log" in errors[0]
+    assert "Traceback" not in err and "\x1b[" not in err
+    assert len(err.splitlines()) < 30, err
