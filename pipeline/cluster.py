@@ -12,8 +12,9 @@ Ray that belongs to this process alone:
 - its own short temp dir (`/tmp/ray-XXXXXXXX`; Unix socket paths are limited to
   ~107 bytes), so two pipelines on one machine never see each other's session;
   it is removed after a clean shutdown;
-- fate-shared: Ray's head processes die with this process, and `lifecycle`
-  makes this process die with `dvc`;
+- fate-shared: a reaper (`lifecycle.reaper`) stops every process of this Ray
+  and removes the temp dir once this process is gone, even after a SIGKILL,
+  and `lifecycle` makes this process die with `dvc`;
 - its training workers run at normal CPU priority (Ray's default starts workers
   at niceness 15, below its own daemons) and its daemons and helper actors at
   a lower one, so on a small machine they do not steal the training threads'
@@ -34,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from . import console, layout
+from . import console, layout, lifecycle
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 #: Ray's process titles for the training workers; everything else of a local
 #: Ray (gcs, raylet, dashboard, agents, the Train controller) is a daemon.
 TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
+#: The local Ray's token file; its path in a process's environment marks that
+#: process as this run's (see `lifecycle.reaper`).
+TOKEN_FILE = "auth_token"
 
 
 def address(cfg) -> str | None:
@@ -108,7 +112,7 @@ def _connect(cfg, addr: str) -> None:
 
 
 def _start_local(cfg, tmp: Path) -> None:
-    token = tmp / "auth_token"
+    token = tmp / TOKEN_FILE
     token.touch(mode=0o600)
     token.write_text(secrets.token_hex(32))
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
@@ -167,8 +171,10 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[None]:
                 _connect(cfg, addr)
             else:
                 tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+                lifecycle.reaper("RAY_AUTH_TOKEN_PATH", str(tmp / TOKEN_FILE))
                 _start_local(cfg, tmp)
                 renicer = _Renicer(cfg.ray.local_daemon_niceness)
+            lifecycle.handle_signals()
             console.attach(stage, log_file)
             yield
         finally:

@@ -1,13 +1,19 @@
 """How a stage process lives and dies.
 
-- SIGTERM and SIGHUP raise `Interrupted` in the main thread, as Ctrl-C raises
-  KeyboardInterrupt, so every `finally` runs: the MLflow runs are marked
+- SIGTERM and SIGHUP raise `Interrupted`, a KeyboardInterrupt, in the main
+  thread, as Ctrl-C does, so every `finally` runs: the MLflow runs are marked
   KILLED, the local Ray is shut down with its workers, no manifest is written.
+  (A KeyboardInterrupt because Ray's blocking calls turn exactly that, and no
+  other exception from a signal handler, into an interruption.)
 - A watchdog thread notices when the process that started the stage (`dvc`) is
   gone — `kill -9` of `dvc repro`, or SIGTERM, which DVC does not forward — and
   interrupts the stage within about a second: no trainer outlives its pipeline.
   (DVC ignores a SIGINT sent to its PID alone while a stage runs; Ctrl-C in a
   terminal reaches the whole process group and stops the stage.)
+- `reaper(...)` starts a tiny watcher process that, once this process is gone
+  however it died (even SIGKILL, when no handler runs), kills every process
+  it saw descend from it and whatever still carries a marker in its
+  environment (the local Ray's processes), and removes the marker's folder.
 - `exclusive(path)` takes an `flock` on a lock file that names its holder, so a
   second trainer on the same Ray run fails at once with the PID that has it.
 """
@@ -16,37 +22,45 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 from .errors import PipelineError
 
 _HELD: dict[str, int] = {}
+#: The last stop signal this process received (Ray re-raises a plain KeyboardInterrupt).
+received: int = signal.SIGINT
 
 
-class Interrupted(BaseException):
-    """The stage was told to stop (a signal, or its parent is gone).
-
-    A BaseException, like KeyboardInterrupt, so library code that catches
-    Exception does not swallow it.
-    """
-
-    def __init__(self, reason: str, signum: int):
-        super().__init__(reason)
-        self.reason = reason
-        self.signum = signum
+class Interrupted(KeyboardInterrupt):
+    """The stage was told to stop (a signal, or its parent is gone)."""
 
 
 def _raise(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name, signum)
+    global received
+    received = signum
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def handle_signals() -> None:
+    """SIGTERM and SIGHUP raise `Interrupted` (main thread only).
+
+    Called again after `ray.init`, whose C++ core installs its own SIGTERM
+    handler that aborts the process.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
 
 
 def install() -> None:
     """Signal handlers and the parent watchdog for this stage process (main thread only)."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise)
+    handle_signals()
     parent = os.getppid()
 
     def watch() -> None:
@@ -59,11 +73,9 @@ def install() -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def exit_status(err: BaseException) -> int:
-    """The shell's convention for death by signal: 128 + signal number."""
-    if isinstance(err, Interrupted):
-        return 128 + err.signum
-    return 128 + signal.SIGINT
+def stop_reason() -> tuple[str, int]:
+    """The signal's name and the shell's exit status for death by it (128 + number)."""
+    return signal.Signals(received).name, 128 + received
 
 
 def exclusive(path: Path, what: str) -> None:
@@ -90,3 +102,53 @@ def exclusive(path: Path, what: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
     _HELD[str(path)] = fd  # kept open (and locked) for the life of the process
+
+
+def reaper(env_key: str, marker: str) -> None:
+    """Clean up after this process whenever it ends: see `reap`."""
+    subprocess.Popen([sys.executable, "-m", "pipeline.lifecycle", str(os.getpid()), env_key, marker],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
+
+
+def reap(pid: int, env_key: str, marker: str) -> None:
+    """Wait for `pid` to end, then stop what it left behind and remove the marker's folder.
+
+    What it left: every process seen below it while it ran (Ray re-titles its
+    agents, which hides their environment), and every process whose `env_key`
+    is `marker` (workers started in its last second).
+    """
+    import psutil
+
+    seen: dict[int, psutil.Process] = {}
+    try:
+        watched = psutil.Process(pid)
+        while watched.is_running() and watched.status() != psutil.STATUS_ZOMBIE:
+            for proc in watched.children(recursive=True):
+                seen.setdefault(proc.pid, proc)
+            time.sleep(1.0)
+    except psutil.Error:
+        pass
+    victims = [p for p in seen.values() if p.pid != os.getpid() and p.is_running()]  # is_running checks pid reuse
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.pid not in seen and proc.environ().get(env_key) == marker:
+                victims.append(proc)
+        except psutil.Error:
+            continue
+    for proc in victims:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(Path(marker).parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    reap(int(sys.argv[1]), sys.argv[2], sys.argv[3])

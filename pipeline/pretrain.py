@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -118,17 +119,26 @@ def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
 
 
 def training_failure(err, cfg: Config, log_file: Path) -> str:
-    """One line for a failed Ray Train run: which worker, why, and how to go on."""
-    failures = getattr(err, "worker_failures", None) or {}
-    if failures:
-        rank, exc = sorted(failures.items())[0]
-        cause = str(exc).strip().splitlines()
-        what = f"training worker rank {rank} failed: {type(exc).__name__}: {cause[-1] if cause else ''}".rstrip(": ")
-        if len(failures) > 1:
-            what += f" (and {len(failures) - 1} more)"
+    """One line for a failed Ray Train run: which worker, why, and how to go on.
+
+    Ray reports a dead worker either per rank (WorkerGroupError) or as an
+    actor death under the controller (ControllerError); both name the actor
+    in an indented `class_name: / pid: / ip:` block when a process died.
+    """
+    failures = sorted((getattr(err, "worker_failures", None) or {}).items())
+    rank, cause = failures[0] if failures else (None, getattr(err, "controller_failure", err))
+    text = str(cause)
+    found = dict(re.findall(r"^\s*(class_name|pid|ip): (\S+)", text, re.M))
+    exit_detail = re.search(r"Worker exit detail: ([^.]*)", text)
+    last = text.strip().splitlines()[-1:] or [type(cause).__name__]
+    if rank is not None or found.get("class_name") == "RayTrainWorker":
+        where = f" pid {found['pid']} on {found.get('ip', '?')}" if "pid" in found else ""
+        what = f"training worker{'' if rank is None else f' rank {rank}'}{where} failed"
     else:
-        lines = str(getattr(err, "controller_failure", err)).strip().splitlines()
-        what = f"the Ray Train run failed: {lines[-1] if lines else type(err).__name__}"
+        what = "the Ray Train run failed"
+    what += f": {exit_detail.group(1) if exit_detail else last[0]}"
+    if len(failures) > 1:
+        what += f" (and {len(failures) - 1} more workers)"
     return (f"ray: {what}; rerun `dvc repro` to resume from the last checkpoint"
             + ("" if cfg.ray.max_failures else ", or set ray.max_failures to restart workers by itself")
             + f" (details: {log_file})")

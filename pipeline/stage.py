@@ -41,11 +41,11 @@ def main(stage: str, check: Check, run: Run, argv: list[str] | None = None) -> i
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, lifecycle.Interrupted) as err:
-        why = err.reason if isinstance(err, lifecycle.Interrupted) else "SIGINT"
+    except KeyboardInterrupt:  # Ctrl-C, or lifecycle.Interrupted for SIGTERM/SIGHUP/parent gone
+        why, status = lifecycle.stop_reason()
         print(f"error: {stage}: interrupted ({why}); nothing was recorded as finished, and a rerun "
               "picks up from the last checkpoint", file=sys.stderr)
-        return lifecycle.exit_status(err)
+        return status
     return 0
 
 

@@ -281,7 +281,7 @@ def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
         yield StageRun(run.info.run_id, parent_id, uri, exp_id)
         status = "FINISHED"
     except BaseException as err:
-        if not isinstance(err, Exception):  # KeyboardInterrupt, lifecycle.Interrupted
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C, SIGTERM, parent gone (lifecycle)
             status = "KILLED"
         raise
     finally:
