@@ -83,14 +83,30 @@ def check(cfg: Config, root: Path) -> Inputs:
     return Inputs(prepared, name, teacher_path)
 
 
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """TorchTrainer whose Ctrl-C stays a KeyboardInterrupt.
+
+        Ray's own SIGINT handler aborts the run and exits 0 or 1; ours lets the
+        stage mark its MLflow runs KILLED and shut its local Ray down
+        (`lifecycle`). On a cluster the run's actors end with the driver.
+        """
+
+        def _register_sigint_handler(self, controller) -> None:
+            return None
+
+    return Trainer
+
+
 def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
     """Run the Ray Train job; returns the final training state dict."""
     from ray.train import TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
     from .train import train_loop_per_worker
 
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
@@ -214,4 +230,15 @@ def log_model(cfg: Config, weights_path: Path) -> None:
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
     mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, logits),
-                             input_example=example)
+                             input_example=example, pip_requirements=model_requirements())
+
+
+def model_requirements() -> list[str]:
+    """What serving the logged model needs, pinned to what trained it.
+
+    Stated rather than inferred: MLflow's inference imports the model in a
+    fresh interpreter, which took most of the stage's fixed cost.
+    """
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision", "timm", "mlflow")]

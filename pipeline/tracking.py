@@ -43,6 +43,8 @@ def configure_environment() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # MLflow's INFO lines ("Creating initial MLflow database tables", ...) are not ours to show.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def tracking_uri(cfg, root: Path) -> str:

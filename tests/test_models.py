@@ -65,3 +65,21 @@ def test_reference_table_is_consistent_with_table3():
     assert reference_for("iformer_m").ap_box == 40.8 and reference_for("iformer_m").miou == 42.4
     for v, (params_m, _) in TABLE15.items():
         assert PAPER[v].params_m == params_m
+
+
+def test_a_teacher_of_another_architecture_is_summarised_not_dumped(tmp_path):
+    import timm
+
+    from iformer.distill import TeacherError, load_teacher
+
+    path = tmp_path / "teacher.pt"
+    torch.save(timm.create_model("resnet14t", num_classes=10).state_dict(), path)
+    with pytest.raises(TeacherError) as err:
+        load_teacher("resnet10t", path, 10)
+    message = str(err.value)
+    assert message.startswith(f"{path} is not a resnet10t with 10 classes: ")
+    assert "keys unexpected (" in message and "more)" in message
+    assert len(message) < 600 and "\n" not in message
+    torch.save(timm.create_model("resnet10t", num_classes=5).state_dict(), path)
+    with pytest.raises(TeacherError, match=r"2 keys of another shape \(fc.weight \(5, 512\) vs \(10, 512\)"):
+        load_teacher("resnet10t", path, 10)

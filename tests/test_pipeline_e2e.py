@@ -21,7 +21,8 @@ def _pipeline_runs(repo):
 def default_repo(tmp_path_factory):
     """The embedded default, untouched, after one `dvc repro`."""
     repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
-    repo.run("dvc", "repro", timeout=1500)
+    out = repo.run("dvc", "repro", timeout=1500)
+    repo.repro_log = out.stdout + out.stderr
     return repo
 
 
@@ -33,6 +34,20 @@ def test_default_pipeline_learns_digits(default_repo):
     assert "paper (ImageNet-1K, 224px)" in report and "74.10" in report
     assert (default_repo.path / "artifacts/report/curves.png").stat().st_size > 10_000
     assert (default_repo.path / "artifacts/evaluate/confusion_matrix.png").stat().st_size > 10_000
+
+
+def test_default_log_is_short_and_ours(default_repo):
+    log = default_repo.repro_log
+    assert "\x1b[" not in log, "no ANSI codes when the output is not a terminal"
+    for noise in ("Traceback", "TrainController", "RayTrainWorker", "TrainingReport", "PreemptionWatcher",
+                  "GetTimeoutError", "Checkpoint successfully created"):
+        assert noise not in log, noise
+    lines = log.splitlines()
+    assert len(lines) < 110, log
+    assert any(line.startswith("[pretrain] epoch 6/6: train_loss") for line in lines)
+    assert any(line.startswith("[evaluate] evaluated 360/360 images") for line in lines)
+    ray_log = next(line.split(": ", 1)[1] for line in lines if line.startswith("[pretrain] Ray's own log: "))
+    assert "TrainController" in open(ray_log).read(), "Ray's chatter is kept in the run's log file"
 
 
 def test_checkpoint_reloads_strictly(default_repo):

@@ -106,8 +106,9 @@ def _all_gone(procs: list[psutil.Process], timeout: float = 30) -> list[str]:
     return [f"{p.pid} {p.name()}" for p in alive if _alive(p)]
 
 
-def _trainer_started(repo, proc) -> bool:
-    assert proc.poll() is None, "the stage ended early"
+def _trainer_started(proc) -> bool:
+    """True once a Ray Train worker runs below `proc` (a Popen or a psutil.Process)."""
+    assert _alive(psutil.Process(proc.pid)), "the stage ended early"
     return any(p.cmdline() and p.cmdline()[0].startswith("ray::RayTrainWorker") for p in _descendants(proc.pid))
 
 
@@ -128,7 +129,7 @@ def test_second_trainer_is_refused_and_sigterm_marks_runs_killed(fast_repo):
     repo.stage("prepare")
     first = _start(repo, sys.executable, "-m", "stages.pretrain")
     try:
-        _wait_for(lambda: _trainer_started(repo, first), 300, "the first trainer")
+        _wait_for(lambda: _trainer_started(first), 300, "the first trainer")
         before = len(repo.runs())
         second = repo.stage_error("pretrain", f"pid {first.pid}")
         assert "is in use by" in second.stderr
@@ -175,12 +176,32 @@ def test_killing_dvc_stops_the_trainer_and_the_next_repro_resumes(fast_repo):
     assert statuses == ["FINISHED", "KILLED"]
 
 
+def test_ctrl_c_stops_the_pipeline_and_marks_its_runs_killed(fast_repo):
+    repo = fast_repo
+    dvc = _start(repo, "dvc", "repro")
+    try:
+        stage = _wait_for(lambda: next((p for p in psutil.Process(dvc.pid).children()
+                                        if "stages.pretrain" in " ".join(p.cmdline())), None), 300, "pretrain")
+        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
+        family = [stage, *stage.children(recursive=True)]
+        os.killpg(dvc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = dvc.communicate(timeout=120)
+    finally:
+        if dvc.poll() is None:
+            os.killpg(dvc.pid, signal.SIGKILL)
+    assert dvc.returncode != 0
+    assert "error: pretrain: interrupted (SIGINT)" in out + err, (out + err)[-3000:]
+    assert _all_gone(family) == []
+    runs = {r.data.tags.get(tracking.TAG_STAGE): r.info.status for r in repo.runs()}
+    assert runs == {"prepare": "FINISHED", "pretrain": "KILLED", None: "KILLED"}, runs
+
+
 def test_sigkilled_stage_takes_its_ray_along_and_its_runs_are_closed_next_time(fast_repo):
     repo = fast_repo
     repo.stage("prepare")
     stage = _start(repo, sys.executable, "-m", "stages.pretrain")
     try:
-        _wait_for(lambda: _trainer_started(repo, stage), 300, "the trainer")
+        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
         family = _descendants(stage.pid)
         os.kill(stage.pid, signal.SIGKILL)  # no handler runs: nothing can mark its runs
         stage.wait(timeout=30)
@@ -204,7 +225,7 @@ def test_a_dead_training_worker_ends_in_one_error_line(fast_repo):
     repo.stage("prepare")
     stage = _start(repo, sys.executable, "-m", "stages.pretrain")
     try:
-        _wait_for(lambda: _trainer_started(repo, stage), 300, "the trainer")
+        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
         worker = next(p for p in _descendants(stage.pid) if p.cmdline()[0].startswith("ray::RayTrainWorker"))
         time.sleep(2)
         worker.kill()
