@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -117,6 +118,25 @@ def _start(repo, *cmd):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def training(repo):
+    """`prepare`, then the pretrain stage in its own process group, yielded once its trainer runs."""
+    repo.stage("prepare")
+    stage = _start(repo, sys.executable, "-m", "stages.pretrain")
+    try:
+        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
+        yield stage
+    finally:
+        _kill_group(stage.pid)  # whatever a failed assertion left running
+
+
 @pytest.fixture
 def fast_repo(tmp_path):
     import copy
@@ -126,10 +146,7 @@ def fast_repo(tmp_path):
 
 def test_second_trainer_is_refused_and_sigterm_marks_runs_killed(fast_repo):
     repo = fast_repo
-    repo.stage("prepare")
-    first = _start(repo, sys.executable, "-m", "stages.pretrain")
-    try:
-        _wait_for(lambda: _trainer_started(first), 300, "the first trainer")
+    with training(repo) as first:
         before = len(repo.runs())
         second = repo.stage_error("pretrain", f"pid {first.pid}")
         assert "is in use by" in second.stderr
@@ -138,9 +155,6 @@ def test_second_trainer_is_refused_and_sigterm_marks_runs_killed(fast_repo):
         family = _descendants(first.pid)
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         "error: pretrain: interrupted (SIGTERM); nothing was recorded as finished, and a rerun picks up "
@@ -158,15 +172,18 @@ def test_killing_dvc_stops_the_trainer_and_the_next_repro_resumes(fast_repo):
     repo = fast_repo
     dvc = _start(repo, "dvc", "repro")
     try:
-        ckpt = lambda: list((repo.path / "ray_results").glob("pretrain-*/epoch-0001/state.pt"))  # noqa: E731
-        _wait_for(ckpt, 600, "the first epoch's checkpoint")
+        def first_epoch_recorded() -> bool:  # Ray lists a checkpoint once it is complete
+            return any("epoch-0001" in p.read_text()
+                       for p in (repo.path / "ray_results").glob("pretrain-*/checkpoint_manager_snapshot.json"))
+
+        _wait_for(first_epoch_recorded, 600, "the first epoch's checkpoint")
         stage = next(p for p in psutil.Process(dvc.pid).children() if "stages.pretrain" in " ".join(p.cmdline()))
         family = [stage, *stage.children(recursive=True)]
         os.kill(dvc.pid, signal.SIGKILL)  # as the OOM killer or a closed terminal would
         dvc.wait(timeout=30)
         assert _all_gone(family, timeout=60) == [], "no orphaned trainer or Ray daemon"
     finally:
-        os.killpg(dvc.pid, signal.SIGKILL)
+        _kill_group(dvc.pid)
     runs = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
     assert [r.info.status for r in runs] == ["KILLED"]
 
@@ -187,8 +204,7 @@ def test_ctrl_c_stops_the_pipeline_and_marks_its_runs_killed(fast_repo):
         os.killpg(dvc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         out, err = dvc.communicate(timeout=120)
     finally:
-        if dvc.poll() is None:
-            os.killpg(dvc.pid, signal.SIGKILL)
+        _kill_group(dvc.pid)
     assert dvc.returncode != 0
     assert "error: pretrain: interrupted (SIGINT)" in out + err, (out + err)[-3000:]
     assert _all_gone(family) == []
@@ -198,16 +214,11 @@ def test_ctrl_c_stops_the_pipeline_and_marks_its_runs_killed(fast_repo):
 
 def test_sigkilled_stage_takes_its_ray_along_and_its_runs_are_closed_next_time(fast_repo):
     repo = fast_repo
-    repo.stage("prepare")
-    stage = _start(repo, sys.executable, "-m", "stages.pretrain")
-    try:
-        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
+    with training(repo) as stage:
         family = _descendants(stage.pid)
         os.kill(stage.pid, signal.SIGKILL)  # no handler runs: nothing can mark its runs
         stage.wait(timeout=30)
         assert _all_gone(family, timeout=60) == [], "Ray's processes share the stage's fate"
-    finally:
-        os.killpg(stage.pid, signal.SIGKILL)
     [orphan] = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
     assert orphan.info.status == "RUNNING"
 
@@ -222,17 +233,11 @@ def test_sigkilled_stage_takes_its_ray_along_and_its_runs_are_closed_next_time(f
 
 def test_a_dead_training_worker_ends_in_one_error_line(fast_repo):
     repo = fast_repo
-    repo.stage("prepare")
-    stage = _start(repo, sys.executable, "-m", "stages.pretrain")
-    try:
-        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
+    with training(repo) as stage:
         worker = next(p for p in _descendants(stage.pid) if p.cmdline()[0].startswith("ray::RayTrainWorker"))
         time.sleep(2)
         worker.kill()
         _, err = stage.communicate(timeout=300)
-    finally:
-        if stage.poll() is None:
-            os.killpg(stage.pid, signal.SIGKILL)
     assert stage.returncode == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]
