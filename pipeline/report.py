@@ -25,7 +25,7 @@ class Inputs:
     evaluation: dict
     pretrain: dict
     prepare: dict
-    latency: dict | None = None  # metrics/latency.json
+    latency: dict | None = None  # artifacts/latency/latency.json
     export: dict | None = None   # the export stage's manifest
 
 
@@ -38,7 +38,7 @@ def check(cfg: Config, root: Path) -> Inputs:
     with open(hist) as f:
         history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
     manifests = {s: read_stage_manifest(s, root) or {} for s in ("prepare", "pretrain")}
-    latency = layout.metrics_path("latency", root)
+    latency = layout.stage_dir("latency", root) / "latency.json"
     return Inputs(history, json.loads(metrics.read_text()), manifests["pretrain"], manifests["prepare"],
                   json.loads(latency.read_text()) if latency.is_file() else None, read_stage_manifest("export", root))
 
@@ -85,7 +85,7 @@ def latency_section(ref, latency: dict | None, export: dict | None) -> list[str]
     """Measured latency per backend beside the paper's iPhone 13 figures, then the Core ML op census."""
     if not latency:
         return []
-    models = next((list(k for k in r if k != "ran_on") for r in latency.values() if "skipped" not in r), [])
+    models = next((list(r["models"]) for r in latency.values() if "models" in r), [])
     paper = {"classifier_224": ref.latency_ms if ref else None, "backbone_512": ref.dense_latency_ms if ref else None}
     lines = ["", "## Latency", "", "Batch 1, ms: median (p90).", "",
              "| backend | what ran it | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
@@ -93,18 +93,24 @@ def latency_section(ref, latency: dict | None, export: dict | None) -> list[str]
         if "skipped" in r:
             lines.append(f"| {backend} | skipped: {r['skipped']} |" + " – |" * len(models))
         else:
-            cells = [f"{r[m]['median']:.2f} ({r[m]['p90']:.2f})" for m in models]
+            cells = [f"{r['models'][m]['median']:.2f} ({r['models'][m]['p90']:.2f})" for m in models]
             lines.append(f"| {backend} | {_ran_on(r['ran_on'])} | " + " | ".join(cells) + " |")
     lines.append("| paper | iPhone 13, Core ML | " + " | ".join(_fmt(paper.get(m)) for m in models) + " |")
     if export:
-        lines += ["", "Core ML ML Programs (op census; compute plan where macOS made one):", ""]
-        for name, m in export.get("models", {}).items():
+        reasons = {m["compute_plan"].get("skipped") for m in export["models"].values()}
+        common_skip = reasons.pop() if len(reasons) == 1 and None not in reasons else None
+        lines += ["", "Core ML ML Programs: op census" + (f"; no compute plans ({common_skip})." if common_skip else
+                                                       ", and where Core ML would run them."), ""]
+        for name, m in export["models"].items():
             c, plan = m["census"], m["compute_plan"]
-            where = (f"compute plan skipped: {plan['skipped']}" if "skipped" in plan else
-                     f"{100 * plan['cost_share']['neural_engine']:.0f}% of estimated cost on the Neural Engine, "
-                     f"{plan['off_neural_engine_ops']} ops off it {plan['off_neural_engine_by_type']}")
-            lines.append(f"- `{name}`: {c['ops']} MIL ops, {c['reshape_transpose']} reshape+transpose, "
-                         f"{c['by_type'].get('softmax', 0)} softmax, {c['weight_bytes'] / 1e6:.1f} MB weights; {where}")
+            line = (f"- `{name}`: {c['ops']} MIL ops, {c['reshape_transpose']} reshape+transpose, "
+                    f"{c['by_type'].get('softmax', 0)} softmax, {c['weight_bytes'] / 1e6:.1f} MB weights")
+            if "skipped" in plan and not common_skip:
+                line += f"; compute plan skipped: {plan['skipped']}"
+            elif "skipped" not in plan:
+                line += (f"; {100 * plan['cost_share']['neural_engine']:.0f}% of estimated cost on the Neural Engine, "
+                         f"{plan['off_neural_engine_ops']} ops off it {plan['off_neural_engine_by_type']}")
+            lines.append(line)
     return lines
 
 
@@ -130,8 +136,8 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
                "checkpoint_sha256": inputs.pretrain.get("checkpoint_sha256"),
                "history": inputs.history}
     paper_top1 = (ref.top1_distilled if cfg.distill.enabled else ref.top1) if ref else None
-    measured = ", ".join(f"{b} {r['classifier_224']['median']:.2f}" for b, r in (inputs.latency or {}).items()
-                         if "classifier_224" in r)
+    measured = ", ".join(f"{b} {r['models']['classifier_224']['median']:.2f}"
+                         for b, r in (inputs.latency or {}).items() if "classifier_224" in r.get("models", {}))
     lines = [
         f"# iFormer pipeline report: {cfg.model.variant}",
         "",

@@ -36,16 +36,17 @@ def test_latency_measures_cpu_backends_and_skips_apple_ones_on_linux(exported):
     table = json.loads((exported.path / "metrics/latency.json").read_text())
     assert list(table) == ["iphone", "mac", "onnxruntime", "torch"]
     assert "this host runs Linux" in table["iphone"]["skipped"] and "this host runs Linux" in table["mac"]["skipped"]
+    full = json.loads((exported.path / "artifacts/latency/latency.json").read_text())
     for backend in ("onnxruntime", "torch"):
         for model in ("classifier_32", "backbone_64"):
             s = table[backend][model]
             assert set(s) == STATS and s["runs"] == 4
             assert 0 < s["min"] <= s["median"] <= s["p90"] <= s["max"] and s["min"] <= s["mean"] <= s["max"]
-        ran = table[backend]["ran_on"]
+            assert len(full[backend]["models"][model]["samples"]) == 4
+            assert full[backend]["models"][model]["median"] == s["median"]
+        ran = full[backend]["ran_on"]
         assert ran["threads"] == 1 and ran["device"].startswith("CPU") and ran["host"]["os"].startswith("Linux")
-    assert "onnxruntime" in table["onnxruntime"]["ran_on"]["versions"]
-    samples = json.loads((exported.path / "artifacts/latency/samples.json").read_text())
-    assert len(samples["torch"]["models"]["backbone_64"]["samples"]) == 4
+    assert "onnxruntime" in full["onnxruntime"]["ran_on"]["versions"]
 
     run = exported.runs(f"tags.`{tracking.TAG_STAGE}` = 'latency'")[0]
     parent = exported.mlflow_client().get_run(run.data.tags[tracking.TAG_PARENT])
@@ -57,10 +58,11 @@ def test_latency_measures_cpu_backends_and_skips_apple_ones_on_linux(exported):
 
     # The report's latency section: every backend, beside the paper's iPhone 13 figure.
     export = json.loads((exported.path / "artifacts/export/manifest.json").read_text())
-    lines = "\n".join(report.latency_section(reference_for("iformer_t"), table, export))
+    lines = "\n".join(report.latency_section(reference_for("iformer_t"), full, export))
     assert "| onnxruntime | CPU: " in lines and "| iphone | skipped: " in lines
+    assert f"| {table['torch']['classifier_32']['median']:.2f} (" in lines
     assert "| paper | iPhone 13, Core ML | – | – |" in lines  # the paper times neither 32 px nor a 64 px backbone
-    assert "`backbone_64`: " in lines and "compute plan skipped" in lines
+    assert "`backbone_64`: " in lines and "no compute plans (MLComputePlan needs macOS" in lines
 
 
 # -- bad input: one error line, no latency.json ----------------------------------------------------
@@ -81,6 +83,17 @@ def test_bad_latency_input(exported, over, needle):
         assert not (exported.path / "metrics/latency.json").exists()
     finally:
         (exported.path / "params.yaml").write_text(__import__("yaml").safe_dump(saved, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_weights_changed_since_export(exported):
+    path = exported.path / "artifacts/pretrain/model.pt"
+    saved = path.read_bytes()
+    write_weights(exported)  # fresh random weights: not what was exported
+    try:
+        exported.stage_error("latency", "model.pt: not the weights")
+    finally:
+        path.write_bytes(saved)
 
 
 def test_latency_before_export(tiny_repo):

@@ -149,10 +149,21 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
     }
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    src.rename(dest)
+def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict:
+    """Every target into `out`; a failure inside a library is one error line, its output kept."""
+    models = {}
+    for t in inputs.targets:
+        try:
+            models[t.name] = export_one(t, inputs, cfg, out, out / "convert.log")
+        except PipelineError:
+            raise
+        except Exception as err:  # a network coremltools or the exporter cannot take: keep what they said
+            if (out / "convert.log").exists():
+                shutil.copy(out / "convert.log", failed_log)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise PipelineError(f"{t.name}: export failed: {type(err).__name__}: {first} "
+                                f"(library output: {failed_log})") from None
+    return models
 
 
 def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
@@ -160,31 +171,33 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
 
     final = layout.stage_dir(STAGE, root)
     tmp = final.with_name(final.name + ".tmp")
+    failed_log = final.with_name(final.name + ".failed.log")
+    mpath = layout.metrics_path(STAGE, root)
     shutil.rmtree(tmp, ignore_errors=True)
+    failed_log.unlink(missing_ok=True)
     tmp.mkdir(parents=True)
     try:
-        models = {t.name: export_one(t, inputs, cfg, tmp, tmp / "convert.log") for t in inputs.targets}
+        models = export_all(cfg, inputs, tmp, failed_log)
         (tmp / "census.json").write_text(json.dumps(
             {n: {"census": m["census"], "compute_plan": m["compute_plan"]} for n, m in models.items()}, indent=2) + "\n")
         metrics = {n: {**census.headline(m["census"]), "onnx_max_abs_diff": max(m["onnx_max_abs_diff"].values())}
                    for n, m in models.items()}
-        mpath = layout.metrics_path(STAGE, root)
         mpath.parent.mkdir(parents=True, exist_ok=True)
         mtmp = mpath.with_suffix(".json.tmp")
         mtmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        _replace_dir(tmp, final)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
         mtmp.replace(mpath)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     flat = {f"census.{n}.{k}": v for n, m in metrics.items() for k, v in m.items() if k != "onnx_max_abs_diff"}
     flat.update({f"onnx_max_abs_diff.{n}": m["onnx_max_abs_diff"] for n, m in metrics.items()})
     flat.update({f"export_seconds.{n}": m["seconds"] for n, m in models.items()})
     for n, m in models.items():
-        plan = m["compute_plan"]
-        if "skipped" not in plan:
-            flat.update({f"compute_plan.{n}.{k}_cost_share": v for k, v in plan["cost_share"].items()})
+        if "skipped" not in m["compute_plan"]:
+            flat.update({f"compute_plan.{n}.{k}_cost_share": v for k, v in m["compute_plan"]["cost_share"].items()})
     mlflow.log_metrics(flat)
     srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
         {f"census.{n}.ops": m["ops"] for n, m in metrics.items()}))

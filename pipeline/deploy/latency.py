@@ -4,8 +4,9 @@ For every backend and model in `latency.models`: median, mean, p90, std, min
 and max in ms over `latency.runs` timed runs after `latency.warmup`, and what
 ran it (device, OS, compute units, threads, library versions). A backend
 that cannot run here is reported as skipped with the reason, or is an error
-when `latency.require` names it. Writes `metrics/latency.json` and
-`artifacts/latency/` (raw samples, manifest) only when every backend is done;
+when `latency.require` names it. Writes, only when every backend is done,
+`metrics/latency.json` (the statistics, skip reasons) and
+`artifacts/latency/latency.json` (also what ran them and every sample);
 logs `latency_ms.<backend>.<model>` (the median) on the stage's run and on
 the pipeline's parent run.
 """
@@ -127,15 +128,16 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     import mlflow
 
     results = measure(cfg, inputs)
+    # DVC metrics: the numbers (and skip reasons); what ran them and the samples are in the artifact.
     table = {b: ({"skipped": r["skipped"]} if "skipped" in r else
-                 {"ran_on": r["ran_on"], **{m: {k: v for k, v in s.items() if k != "samples"}
-                                            for m, s in r["models"].items()}})
+                 {m: {k: v for k, v in s.items() if k != "samples"} for m, s in r["models"].items()})
              for b, r in results.items()}
     out = layout.stage_dir(STAGE, root)
     out.mkdir(parents=True, exist_ok=True)
-    samples = out / "samples.json.tmp"
-    samples.write_text(json.dumps(results, indent=2) + "\n")
-    samples.replace(out / "samples.json")
+    full = out / "latency.json"
+    tmp = full.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(full)
     mpath = layout.metrics_path(STAGE, root)
     mpath.parent.mkdir(parents=True, exist_ok=True)
     tmp = mpath.with_suffix(".json.tmp")
@@ -148,8 +150,8 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(metrics))
     mlflow.set_tags({f"latency.skipped.{b}": r["skipped"][:5000] for b, r in results.items() if "skipped" in r})
     mlflow.log_artifact(str(mpath), "metrics")
-    mlflow.log_artifact(str(out / "samples.json"), "latency")
-    write_manifest(STAGE, root, srun, latency=table, models=list(inputs.models),
-                   runs=cfg.latency.runs, warmup=cfg.latency.warmup,
+    mlflow.log_artifact(str(full), "latency")
+    write_manifest(STAGE, root, srun, models=list(inputs.models), runs=cfg.latency.runs, warmup=cfg.latency.warmup,
+                   ran_on={b: r["ran_on"] for b, r in results.items() if "ran_on" in r},
                    skipped={b: r["skipped"] for b, r in results.items() if "skipped" in r})
     log.info("measured: %s", ", ".join(f"{k.removeprefix('latency_ms.')} {v:.2f} ms" for k, v in metrics.items()))
