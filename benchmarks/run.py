@@ -158,7 +158,7 @@ def p3(rounds: int, per_round: int, threads: int, variant: str = "iformer_m", si
     feed = {"image": x.numpy()}
     calls = {name: (lambda net=net: net(x)) for name, net in nets.items()}
     calls["onnxruntime"] = lambda: sess.run(None, feed)
-    pairs = (("fused", "unfused"), ("deploy", "unfused"), ("onnxruntime", "deploy"))
+    pairs = (("fused", "unfused"), ("deploy", "unfused"), ("onnxruntime", "fused"), ("onnxruntime", "deploy"))
     samples = {k: [] for k in calls}
     ratios = {f"{a} / {b}": [] for a, b in pairs}
     with torch.inference_mode():

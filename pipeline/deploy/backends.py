@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -116,11 +116,11 @@ class AppleAPI:
     #: like `perf_utils.MLModelBenchmarker(model=, device=)` with async `benchmark_predict(iterations=)`
     #: returning a Measurement whose `samples` are milliseconds.
     benchmarker: Any = None
-    #: the host check that guards coremltools' own objects (fakes need no Mac).
-    real: bool = field(init=False, default=False)
 
-    def __post_init__(self):
-        self.real = self.devices is None and self.benchmarker is None
+    @property
+    def real(self) -> bool:
+        """coremltools' own objects, which need a Mac with Core ML (fakes do not)."""
+        return self.devices is None and self.benchmarker is None
 
     def device_api(self):
         if self.devices is None:

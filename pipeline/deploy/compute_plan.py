@@ -43,7 +43,7 @@ def summarize(plan, top: int = 30) -> dict:
     program = plan.model_structure.program
     if program is None:
         raise ValueError("the compute plan is not of an ML Program")
-    ops = op_cost = 0.0
+    ops, total_cost = 0, 0.0
     n_ops: Counter = Counter()
     cost: Counter = Counter()
     off = []
@@ -55,7 +55,7 @@ def summarize(plan, top: int = 30) -> dict:
         weight = float(estimate.weight) if estimate is not None else 0.0
         kind = device_kind(usage.preferred_compute_device)
         ops += 1
-        op_cost += weight
+        total_cost += weight
         n_ops[kind] += 1
         cost[kind] += weight
         if kind != "neural_engine":
@@ -64,9 +64,9 @@ def summarize(plan, top: int = 30) -> dict:
                         "cost": weight})
     off.sort(key=lambda o: -o["cost"])
     return {
-        "ops": int(ops),
+        "ops": ops,
         "op_share": {k: n_ops[k] / ops if ops else 0.0 for k in KINDS},
-        "cost_share": {k: cost[k] / op_cost if op_cost else 0.0 for k in KINDS},
+        "cost_share": {k: cost[k] / total_cost if total_cost else 0.0 for k in KINDS},
         "off_neural_engine_ops": len(off),
         "off_neural_engine_by_type": dict(Counter(o["type"] for o in off).most_common()),
         "off_neural_engine": off[:top],
