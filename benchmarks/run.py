@@ -2,6 +2,7 @@
 
     python -m benchmarks.run            # all
     python -m benchmarks.run p1 --reps 3
+    python -m benchmarks.run p3 --threads 1
     python -m benchmarks.run p4 p5
 
 P1  pretrain-stage training throughput (the Ray Train loop) / a bare
@@ -11,6 +12,10 @@ P1  pretrain-stage training throughput (the Ray Train loop) / a bare
 P2  fixed overhead of the pretrain stage: its wall time (`python -m
     stages.pretrain`, default config, model logged) minus the time of its
     epochs (training + validation, from history.csv). Goal <= 15 s.
+P3  CPU latency of iformer_m at 224, batch 1: fused (timm `fuse()`) / unfused eval network,
+    the deploy form (fused, explicit attention: what export ships) / unfused, and ONNX Runtime /
+    torch on the deploy form. Round-robin blocks of calls, so noise hits all alike; median
+    and IQR of the per-call times and of the per-round ratios. Goal fused / unfused <= 0.8.
 P4  full default `dvc repro` wall time in a fresh copy of the repo. Goal <= 10 min.
 P5  no-op `dvc repro` wall time: the default, and with a 100 k-file ImageNet-layout
     tree configured as the data set. Goal <= 3 s.
@@ -147,6 +152,57 @@ def p2(reps: int) -> None:
                   flush=True)
     print(f"P2 fixed overhead of the pretrain stage (imports, Ray start-up and shutdown, worker start, final "
           f"checkpoint, model logging): median {statistics.median(overheads):.1f} s (goal <= 15 s)")
+# -- P3 ----------------------------------------------------------------------------
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
+
+
+def p3(rounds: int, per_round: int, threads: int, variant: str = "iformer_m", size: int = 224) -> None:
+    import torch
+
+    from iformer.export import deploy_form
+    from iformer.models import build_model, fused_copy
+    from pipeline.deploy import backends, chatter, onnx
+
+    torch.set_num_threads(threads)
+    unfused = build_model(variant, 1000).eval()
+    nets = {"unfused": unfused, "fused": fused_copy(unfused), "deploy": deploy_form(unfused)}
+    x = torch.randn(1, 3, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "deploy.onnx"
+        start = time.perf_counter()
+        with chatter.to_log(Path(tmp) / "export.log"):
+            program = torch.export.export(nets["deploy"], (x,))
+            onnx.export(program, nets["deploy"], x, path, 18, "image", ["logits"])
+        print(f"P3 torch.export + dynamo ONNX export of {variant}: {time.perf_counter() - start:.1f} s", flush=True)
+        sess = onnx.session(path, threads)
+    feed = {"image": x.numpy()}
+    calls = {name: (lambda net=net: net(x)) for name, net in nets.items()}
+    calls["onnxruntime"] = lambda: sess.run(None, feed)
+    pairs = (("fused", "unfused"), ("deploy", "unfused"), ("onnxruntime", "fused"), ("onnxruntime", "deploy"))
+    samples = {k: [] for k in calls}
+    ratios = {f"{a} / {b}": [] for a, b in pairs}
+    with torch.inference_mode():
+        for f in calls.values():
+            backends.time_calls(f, 0, 5)
+        for r in range(rounds):
+            names = list(calls)[r % len(calls):] + list(calls)[: r % len(calls)]  # rotate the order
+            med = {}
+            for name in names:
+                s = backends.time_calls(calls[name], per_round, 1)
+                samples[name] += s
+                med[name] = statistics.median(s)
+            for a, b in pairs:
+                ratios[f"{a} / {b}"].append(med[a] / med[b])
+    head = f"P3 [{variant} {size}px batch 1, {threads} thread(s), {rounds} rounds x {per_round} calls]"
+    for name, s in samples.items():
+        q1, m, q3 = _quartiles(s)
+        print(f"{head} {name}: median {m:.2f} ms, IQR {q1:.2f}-{q3:.2f} ms")
+    for name, rs in ratios.items():
+        q1, m, q3 = _quartiles(rs)
+        goal = " (goal <= 0.8)" if name == "fused / unfused" else ""
+        print(f"{head} {name}: median ratio {m:.3f}, IQR {q1:.3f}-{q3:.3f}{goal}")
 
 
 # -- P4 / P5 -------------------------------------------------------------------------
@@ -199,9 +255,12 @@ def p4_p5(noop_reps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="*", default=["p1", "p2", "p4", "p5"])
+    ap.add_argument("which", nargs="*", default=["p1", "p2", "p3", "p4", "p5"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=15, help="P3: round-robin rounds")
+    ap.add_argument("--calls", type=int, default=10, help="P3: timed calls per network per round")
+    ap.add_argument("--threads", type=int, default=1, help="P3: torch / ONNX Runtime threads")
     if sys.argv[1:2] == ["_one"]:
         kind, threads, repo, tag = sys.argv[2:6]
         one_measurement(kind, int(threads), Path(repo), tag)
@@ -212,6 +271,8 @@ def main() -> None:
         p1(args.reps, args.epochs)
     if "p2" in which:
         p2(args.reps)
+    if "p3" in which:
+        p3(args.rounds, args.calls, args.threads)
     if which & {"p4", "p5"}:
         p4_p5(args.reps)
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 #: The classification path in pipeline order. Later issues append stages here.
-STAGES: tuple[str, ...] = ("prepare", "pretrain", "evaluate", "report")
+STAGES: tuple[str, ...] = ("prepare", "pretrain", "evaluate", "export", "latency", "report")
 
 
 def repo_root() -> Path:

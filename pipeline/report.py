@@ -25,6 +25,8 @@ class Inputs:
     evaluation: dict
     pretrain: dict
     prepare: dict
+    latency: dict | None = None  # artifacts/latency/latency.json
+    export: dict | None = None   # the export stage's manifest
 
 
 def check(cfg: Config, root: Path) -> Inputs:
@@ -36,7 +38,9 @@ def check(cfg: Config, root: Path) -> Inputs:
     with open(hist) as f:
         history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
     manifests = {s: read_stage_manifest(s, root) or {} for s in ("prepare", "pretrain")}
-    return Inputs(history, json.loads(metrics.read_text()), manifests["pretrain"], manifests["prepare"])
+    latency = layout.stage_dir("latency", root) / "latency.json"
+    return Inputs(history, json.loads(metrics.read_text()), manifests["pretrain"], manifests["prepare"],
+                  json.loads(latency.read_text()) if latency.is_file() else None, read_stage_manifest("export", root))
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -70,6 +74,46 @@ def _fmt(v, pct: bool = False) -> str:
     return f"{100 * v:.2f}" if pct else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
+def _ran_on(r: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
+    if "compute_units" in r:
+        return f"{r['device']}, {r['os']}, Core ML compute units {r['compute_units']}, {versions}"
+    return f"{r['device']}, {r['threads']} thread(s), {r['precision']}, {versions}"
+
+
+def latency_section(ref, latency: dict | None, export: dict | None) -> list[str]:
+    """Measured latency per backend beside the paper's iPhone 13 figures, then the Core ML op census."""
+    if not latency:
+        return []
+    models = next((list(r["models"]) for r in latency.values() if "models" in r), [])
+    paper = {"classifier_224": ref.latency_ms if ref else None, "backbone_512": ref.dense_latency_ms if ref else None}
+    lines = ["", "## Latency", "", "Batch 1, ms: median (p90).", "",
+             "| backend | what ran it | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for backend, r in latency.items():
+        if "skipped" in r:
+            lines.append(f"| {backend} | skipped: {r['skipped']} |" + " – |" * len(models))
+        else:
+            cells = [f"{r['models'][m]['median']:.2f} ({r['models'][m]['p90']:.2f})" for m in models]
+            lines.append(f"| {backend} | {_ran_on(r['ran_on'])} | " + " | ".join(cells) + " |")
+    lines.append("| paper | iPhone 13, Core ML | " + " | ".join(_fmt(paper.get(m)) for m in models) + " |")
+    if export:
+        reasons = {m["compute_plan"].get("skipped") for m in export["models"].values()}
+        common_skip = reasons.pop() if len(reasons) == 1 and None not in reasons else None
+        lines += ["", "Core ML ML Programs: op census" + (f"; no compute plans ({common_skip})." if common_skip else
+                                                       ", and where Core ML would run them."), ""]
+        for name, m in export["models"].items():
+            c, plan = m["census"], m["compute_plan"]
+            line = (f"- `{name}`: {c['ops']} MIL ops, {c['reshape_transpose']} reshape+transpose, "
+                    f"{c['by_type'].get('softmax', 0)} softmax, {c['weight_bytes'] / 1e6:.1f} MB weights")
+            if "skipped" in plan and not common_skip:
+                line += f"; compute plan skipped: {plan['skipped']}"
+            elif "skipped" not in plan:
+                line += (f"; {100 * plan['cost_share']['neural_engine']:.0f}% of estimated cost on the Neural Engine, "
+                         f"{plan['off_neural_engine_ops']} ops off it {plan['off_neural_engine_by_type']}")
+            lines.append(line)
+    return lines
+
+
 def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
     ev = inputs.evaluation
     ref = reference_for(cfg.model.variant)
@@ -92,6 +136,8 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
                "checkpoint_sha256": inputs.pretrain.get("checkpoint_sha256"),
                "history": inputs.history}
     paper_top1 = (ref.top1_distilled if cfg.distill.enabled else ref.top1) if ref else None
+    measured = ", ".join(f"{b} {r['models']['classifier_224']['median']:.2f}"
+                         for b, r in (inputs.latency or {}).items() if "classifier_224" in r.get("models", {}))
     lines = [
         f"# iFormer pipeline report: {cfg.model.variant}",
         "",
@@ -99,17 +145,19 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
         f"{ours['epochs']} epochs, global batch {cfg.train.batch_size} at lr {cfg.lr:.3g}"
         + (", DeiT hard distillation" if cfg.distill.enabled else "") + ".",
         "",
-        "| | Params (M) | GMACs @224 | iPhone 13 latency (ms) | Top-1 (%) | Top-5 (%) |",
+        "| | Params (M) | GMACs @224 | Latency @224 (ms) | Top-1 (%) | Top-5 (%) |",
         "|---|---|---|---|---|---|",
-        f"| this run | {_fmt(ours['params_m'])} | {_fmt(ours['gmacs_224'])} | – | "
+        f"| this run | {_fmt(ours['params_m'])} | {_fmt(ours['gmacs_224'])} | {measured or '–'} | "
         f"{_fmt(ours['top1'], True)} | {_fmt(ours['top5'], True)} |",
     ]
     if ref:
         lines.append(f"| paper (ImageNet-1K, 224px) | {_fmt(ref.params_m)} | {_fmt(ref.gmacs)} | "
-                     f"{_fmt(ref.latency_ms)} | {_fmt(paper_top1)} | – |")
+                     f"{_fmt(ref.latency_ms)} (iPhone 13) | {_fmt(paper_top1)} | – |")
     if ours["dataset"] != "imagefolder":
         lines += ["", f"Top-1 here is on the embedded `{ours['dataset']}` set, not ImageNet-1K: "
                   "it shows the pipeline learns, and is not comparable with the paper's figure."]
+    lines += latency_section(ref, inputs.latency, inputs.export)
+    summary["latency"] = inputs.latency
     lines += ["", "![loss and accuracy per epoch](curves.png)", "", "## Per-epoch history", "",
               "| epoch | train loss | val loss | val top-1 | img/s | lr |", "|---|---|---|---|---|---|"]
     for r in inputs.history:

@@ -116,6 +116,24 @@ def make_repo(dest: Path, params: dict | None = None) -> Repo:
     return repo
 
 
+def write_weights(repo: Repo, variant: str = "iformer_t", classes: list[str] | None = None) -> Path:
+    """A real (untrained) `artifacts/pretrain/model.pt` for the prepared classes: stages after
+    pretrain run on it without a training run."""
+    import json
+
+    from iformer.models import build_model
+    from pipeline import checkpoint
+
+    prepared = json.loads((repo.path / "artifacts/prepare/manifest.json").read_text())
+    classes = classes if classes is not None else prepared["classes"]
+    model = build_model(variant, len(classes))
+    path = repo.path / "artifacts/pretrain/model.pt"
+    checkpoint.save_weights(path, model.state_dict(), variant=variant, num_classes=len(classes),
+                            distillation=False, classes=classes, image_size=repo.params()["data"]["image_size"],
+                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return path
+
+
 @pytest.fixture
 def tiny_repo(tmp_path) -> Repo:
     import copy

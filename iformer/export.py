@@ -1,0 +1,81 @@
+"""The deployment forms of an iFormer: what the export stage converts and times.
+
+- `deploy_form(model)`: an eval copy with BatchNorm and re-parameterised
+  branches folded (timm's `fuse()`), and attention on its explicit
+  matmul-softmax path. timm's default path calls `scaled_dot_product_attention`,
+  which Core ML (iOS 16/17) lowers with a transpose and an expand_dims per
+  query, key and value: iformer_m at 224 becomes 961 MIL operations instead of
+  the 877 of the explicit form (the official export holds 875).
+- `dense_backbone(variant, state_dict)`: the backbone the dense tasks use, four
+  feature maps at strides 4-32. The single place to swap in another backbone.
+- `with_io(model, ...)`: the normalisation (for image inputs) and the softmax
+  (for Core ML classifiers) baked into the graph.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+
+#: Output names of the dense backbone, finest first (timm's `stages.{i}`).
+FEATURE_NAMES = ("stage0", "stage1", "stage2", "stage3")
+
+
+def explicit_attention(model: nn.Module) -> nn.Module:
+    """Route timm attention modules through their explicit matmul-softmax path."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
+
+
+def deploy_form(model: nn.Module) -> nn.Module:
+    """A fused, eval-mode copy of `model` in the form that is exported."""
+    fused = copy.deepcopy(model).eval()
+    fused.fuse()
+    return explicit_attention(fused)
+
+
+def dense_backbone(variant: str, state_dict: dict) -> nn.Module:
+    """The dense-prediction backbone of `variant` with a classifier's weights, in deploy form.
+
+    Today timm's plain `features_only` network (the classifier's stem and stages
+    returning four feature maps). The windowed hybrid backbone of the dense-task
+    work replaces this body; callers only rely on the four NCHW outputs.
+    """
+    backbone = timm.create_model(variant, pretrained=False, features_only=True, feature_cls="getter",
+                                 out_indices=(0, 1, 2, 3))
+    body = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    backbone.model.load_state_dict(body, strict=True)
+    backbone.eval()
+    backbone.model.fuse()
+    return explicit_attention(backbone)
+
+
+class _WithIO(nn.Module):
+    def __init__(self, model: nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                 softmax: bool):
+        super().__init__()
+        self.model = model
+        self.normalize = mean is not None
+        if self.normalize:
+            self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
+            self.register_buffer("inv_std", 1.0 / torch.tensor(list(std)).view(1, -1, 1, 1))
+        self.softmax = softmax
+
+    def forward(self, x: torch.Tensor):
+        if self.normalize:
+            x = (x - self.mean) * self.inv_std
+        y = self.model(x)
+        return y.softmax(dim=-1) if self.softmax else y
+
+
+def with_io(model: nn.Module, *, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+            softmax: bool = False) -> nn.Module:
+    """`model` taking [0, 1] RGB (normalised inside) when `mean`/`std` are given, and ending in a softmax."""
+    if mean is None and not softmax:
+        return model
+    return _WithIO(model, mean, std, softmax).eval()

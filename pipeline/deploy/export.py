@@ -1,0 +1,212 @@
+"""The `export` stage: Core ML and ONNX files of the trained network, checked.
+
+Models: the classifier at its training resolution and at each of
+`export.classifier_sizes`, named `classifier_<size>`, and the dense backbone
+at `export.backbone_size` (`backbone_<size>`, four feature maps). Each is
+exported from one `torch.export` program of its deploy form
+(`iformer.export`) to
+
+- `<name>.mlpackage.zip`: Core ML ML Program (interface checked from the saved
+  spec; predictions checked against torch on macOS, skipped elsewhere);
+- `<name>.onnx`: checked against torch with ONNX Runtime in FP32.
+
+`census.json` holds the op census of every ML Program and, on macOS, its
+compute-plan summary; `metrics/export.json` the headline census figures and
+ONNX differences. Everything is written to `artifacts/export.tmp` and moved to
+`artifacts/export` when complete; the manifest comes last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, layout
+from ..config import Config
+from ..data import Prepared
+from ..errors import PipelineError
+from ..tracking import StageRun, metric_batch, write_manifest
+from . import census, chatter, compute_plan, coreml, onnx
+
+log = logging.getLogger(__name__)
+STAGE = "export"
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "classifier" | "backbone"
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.size}"
+
+
+@dataclass
+class Inputs:
+    weights: dict
+    weights_path: Path
+    classes: list[str]
+    targets: list[Target]
+
+
+def targets(cfg: Config, train_size: int) -> list[Target]:
+    sizes = dict.fromkeys([train_size, *cfg.export.classifier_sizes])
+    out = [Target("classifier", s) for s in sizes]
+    if cfg.export.backbone_size is not None:
+        out.append(Target("backbone", cfg.export.backbone_size))
+    return out
+
+
+def check(cfg: Config, root: Path) -> Inputs:
+    import onnx as onnx_lib
+
+    prepared = Prepared.load(layout.stage_dir("prepare", root))
+    path = layout.stage_dir("pretrain", root) / "model.pt"
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing; run the pretrain stage first (dvc repro pretrain)")
+    weights = checkpoint.load_weights(path, "pretrain weights", expect_variant=cfg.model.variant)
+    if weights["num_classes"] != prepared.num_classes or weights["classes"] != prepared.classes:
+        raise PipelineError(f"{path}: holds {weights['num_classes']} classes, but {prepared.dir} lists "
+                            f"{prepared.num_classes} (or other names); rerun pretrain")
+    newest = onnx_lib.defs.onnx_opset_version()
+    if cfg.export.onnx.opset > newest:
+        raise PipelineError(f"export.onnx.opset: {cfg.export.onnx.opset} is newer than this onnx package knows ({newest})")
+    return Inputs(weights, path, prepared.classes, targets(cfg, int(weights["image_size"])))
+
+
+def deploy_module(target: Target, weights: dict) -> torch.nn.Module:
+    """The torch network a target exports, in deploy form (fused, explicit attention)."""
+    from iformer.export import deploy_form, dense_backbone
+
+    if target.kind == "backbone":
+        return dense_backbone(weights["variant"], weights["state_dict"])
+    return deploy_form(checkpoint.build_from_weights(weights))
+
+
+def output_names(target: Target, labels: bool = False) -> list[str]:
+    from iformer.export import FEATURE_NAMES
+
+    if target.kind == "backbone":
+        return list(FEATURE_NAMES)
+    return ["probabilities" if labels else "logits"]
+
+
+def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_log: Path) -> dict:
+    """Both files of one target in `out`, checked; returns its manifest entry."""
+    from iformer.export import with_io
+
+    ecfg = cfg.export
+    start = time.perf_counter()
+    module = deploy_module(target, inputs.weights)
+    example = torch.randn(1, 3, target.size, target.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = module(example)
+    ref = list(ref) if isinstance(ref, (list, tuple)) else [ref]
+    names = output_names(target)
+    with chatter.to_log(chatter_log):
+        program = torch.export.export(module, (example,))
+        onnx_info = onnx.export(program, module, example, out / f"{target.name}.onnx", ecfg.onnx.opset,
+                                coreml.INPUT, names)
+    onnx_diff = onnx.max_abs_diff(out / f"{target.name}.onnx", example, ref, ecfg.onnx.tolerance)
+
+    labels = inputs.classes if (ecfg.coreml.class_labels and target.kind == "classifier") else None
+    image = ecfg.coreml.input == "image"
+    cm_module = with_io(module, mean=inputs.weights["mean"] if image else None,
+                        std=inputs.weights["std"] if image else None, softmax=bool(labels))
+    cm_names = output_names(target, labels=bool(labels))
+    package = out / f"{target.name}.mlpackage"
+    with chatter.to_log(chatter_log):
+        cm_program = program if cm_module is module else torch.export.export(cm_module, (example,))
+        coreml.convert(cm_program, target.size, cm_names, ecfg.coreml, labels).save(str(package))
+    expected = coreml.expected_interface(target.size, {n: list(r.shape) for n, r in zip(cm_names, ref)},
+                                         ecfg.coreml, labels)
+    interface = coreml.check_interface(package, expected)
+    reason = coreml.predict_unavailable()
+    if reason:
+        log.info("%s: Core ML predict check skipped: %s", target.name, reason)
+        predict = {"skipped": reason}
+    else:
+        predict = coreml.check_predictions(package, cm_module, target.size, ecfg.coreml, labels)
+    ops = census.census_of(package)
+    plan = compute_plan.plan_for(package)
+    zipped = coreml.zip_package(package)
+    seconds = time.perf_counter() - start
+    log.info("%s: %d MIL ops (%d reshape+transpose), %.1f MB weights; ONNX %s opset %d, max diff %.1e; %.1f s",
+             target.name, ops["ops"], ops["reshape_transpose"], ops["weight_bytes"] / 1e6, onnx_info["exporter"],
+             onnx_info["opset"], max(onnx_diff.values()), seconds)
+    return {
+        "kind": target.kind, "size": target.size, "seconds": seconds,
+        "coreml": zipped.name, "onnx": f"{target.name}.onnx",
+        "coreml_interface": interface, "coreml_predict_check": predict,
+        "onnx_export": onnx_info, "onnx_max_abs_diff": onnx_diff,
+        "census": ops, "compute_plan": plan,
+    }
+
+
+def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict:
+    """Every target into `out`; a failure inside a library is one error line, its output kept."""
+    models = {}
+    for t in inputs.targets:
+        try:
+            models[t.name] = export_one(t, inputs, cfg, out, out / "convert.log")
+        except PipelineError:
+            raise
+        except Exception as err:  # a network coremltools or the exporter cannot take: keep what they said
+            if (out / "convert.log").exists():
+                shutil.copy(out / "convert.log", failed_log)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise PipelineError(f"{t.name}: export failed: {type(err).__name__}: {first} "
+                                f"(library output: {failed_log})") from None
+    return models
+
+
+def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
+    import mlflow
+
+    final = layout.stage_dir(STAGE, root)
+    tmp = final.with_name(final.name + ".tmp")
+    failed_log = final.with_name(final.name + ".failed.log")
+    mpath = layout.metrics_path(STAGE, root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    failed_log.unlink(missing_ok=True)
+    tmp.mkdir(parents=True)
+    try:
+        models = export_all(cfg, inputs, tmp, failed_log)
+        (tmp / "census.json").write_text(json.dumps(
+            {n: {"census": m["census"], "compute_plan": m["compute_plan"]} for n, m in models.items()}, indent=2) + "\n")
+        metrics = {n: {**census.headline(m["census"]), "onnx_max_abs_diff": max(m["onnx_max_abs_diff"].values())}
+                   for n, m in models.items()}
+        mpath.parent.mkdir(parents=True, exist_ok=True)
+        mtmp = mpath.with_suffix(".json.tmp")
+        mtmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        mtmp.replace(mpath)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    flat = {f"census.{n}.{k}": v for n, m in metrics.items() for k, v in m.items() if k != "onnx_max_abs_diff"}
+    flat.update({f"onnx_max_abs_diff.{n}": m["onnx_max_abs_diff"] for n, m in metrics.items()})
+    flat.update({f"export_seconds.{n}": m["seconds"] for n, m in models.items()})
+    for n, m in models.items():
+        if "skipped" not in m["compute_plan"]:
+            flat.update({f"compute_plan.{n}.{k}_cost_share": v for k, v in m["compute_plan"]["cost_share"].items()})
+    mlflow.log_metrics(flat)
+    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
+        {f"census.{n}.ops": m["ops"] for n, m in metrics.items()}))
+    mlflow.log_artifacts(str(final), "export")
+    mlflow.log_artifact(str(mpath), "metrics")
+    ecfg = cfg.export
+    write_manifest(STAGE, root, srun, models=models, variant=inputs.weights["variant"],
+                   weights_sha256=checkpoint.sha256(inputs.weights_path),
+                   coreml={"target": ecfg.coreml.target, "precision": ecfg.coreml.precision,
+                           "input": ecfg.coreml.input, "class_labels": ecfg.coreml.class_labels},
+                   onnx={"opset": ecfg.onnx.opset, "tolerance": ecfg.onnx.tolerance})
+    log.info("%d models (%s) as Core ML and ONNX -> %s", len(models), ", ".join(models), final)

@@ -1,0 +1,239 @@
+"""The export stage as a user runs it: Core ML and ONNX files, checked, with an op census."""
+import copy
+import json
+import shutil
+import zipfile
+
+import pytest
+
+from conftest import TINY, make_repo, write_weights
+from pipeline.deploy import census, compute_plan
+
+SMALL = {"export": {"classifier_sizes": [64], "backbone_size": 64}}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny repo: prepared digits at 32 px, untrained iformer_t weights, the export stage run."""
+    from conftest import deep_update
+
+    repo = make_repo(tmp_path_factory.mktemp("export") / "repo", deep_update(copy.deepcopy(TINY), copy.deepcopy(SMALL)))
+    repo.stage("prepare")
+    write_weights(repo)
+    repo.stage("export", env={"IFORMER_PIPELINE_RUN": "export-test"})
+    return repo
+
+
+def _unzip(repo, name, tmp_path):
+    with zipfile.ZipFile(repo.path / "artifacts/export" / f"{name}.mlpackage.zip") as z:
+        z.extractall(tmp_path)
+    return tmp_path / f"{name}.mlpackage"
+
+
+@pytest.mark.slow
+def test_export_writes_checked_coreml_and_onnx(exported, tmp_path):
+    out = exported.path / "artifacts/export"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["models"]) == {"classifier_32", "classifier_64", "backbone_64"}
+    for name, m in manifest["models"].items():
+        assert (out / m["onnx"]).stat().st_size > 1e6 and (out / m["coreml"]).stat().st_size > 1e6
+        assert m["onnx_export"] == {"exporter": "dynamo", "opset": 18}
+        assert 0 < max(m["onnx_max_abs_diff"].values()) <= 1e-4
+        assert "this host runs Linux" in m["coreml_predict_check"]["skipped"]
+        assert "this host runs Linux" in m["compute_plan"]["skipped"]
+        inp = m["coreml_interface"]["inputs"]
+        assert inp == [{"name": "image", "type": "tensor", "dtype": "float32", "shape": [1, 3, m["size"], m["size"]]}]
+    cls = manifest["models"]["classifier_32"]["coreml_interface"]["outputs"]
+    assert cls == [{"name": "logits", "type": "tensor", "dtype": "float32", "shape": [1, 10]}]
+    feats = manifest["models"]["backbone_64"]["coreml_interface"]["outputs"]
+    assert [(f["name"], f["shape"]) for f in feats] == [
+        ("stage0", [1, 32, 16, 16]), ("stage1", [1, 64, 8, 8]), ("stage2", [1, 128, 4, 4]), ("stage3", [1, 256, 2, 2])]
+    assert all(f["dtype"] == "float32" for f in feats)
+    assert len(manifest["models"]["backbone_64"]["onnx_max_abs_diff"]) == 4
+
+    # The census is what the saved package holds: recount it from the spec.
+    package = _unzip(exported, "classifier_64", tmp_path)
+    assert census.census_of(package) == manifest["models"]["classifier_64"]["census"]
+    metrics = json.loads((exported.path / "metrics/export.json").read_text())
+    c = metrics["classifier_64"]
+    assert c["ops"] > c["ops_without_const"] > c["conv"] > 50 and c["softmax"] == 5 and c["transpose"] == 0
+    assert 4 < c["weight_mb"] < 7  # 2.9 M parameters in FP16
+    assert not (exported.path / "artifacts/export.tmp").exists()
+    assert "Converting PyTorch Frontend" in (out / "convert.log").read_text()
+
+
+@pytest.mark.slow
+def test_export_is_logged_under_the_pipeline_run(exported):
+    from pipeline import tracking
+
+    run = exported.runs(f"tags.`{tracking.TAG_STAGE}` = 'export'")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["census.classifier_64.ops"] > 500
+    assert run.data.metrics["onnx_max_abs_diff.backbone_64"] <= 1e-4
+    files = {a.path for a in exported.mlflow_client().list_artifacts(run.info.run_id, "export")}
+    assert {"export/classifier_64.onnx", "export/classifier_64.mlpackage.zip", "export/census.json"} <= files
+    parent = exported.mlflow_client().get_run(run.data.tags[tracking.TAG_PARENT])
+    assert parent.data.metrics["census.backbone_64.ops"] == run.data.metrics["census.backbone_64.ops"]
+
+
+@pytest.mark.slow
+def test_image_input_class_labels_fp32_and_opset_17(tmp_path):
+    from conftest import deep_update
+
+    params = deep_update(copy.deepcopy(TINY), {"export": {
+        "classifier_sizes": [], "backbone_size": None,
+        "coreml": {"input": "image", "class_labels": True, "precision": "fp32"}, "onnx": {"opset": 17}}})
+    repo = make_repo(tmp_path / "repo", params)
+    repo.stage("prepare")
+    write_weights(repo)
+    repo.stage("export")
+    m = json.loads((repo.path / "artifacts/export/manifest.json").read_text())["models"]
+    assert list(m) == ["classifier_32"]
+    io = m["classifier_32"]["coreml_interface"]
+    assert io["inputs"] == [{"name": "image", "type": "image", "color": "RGB", "shape": [1, 3, 32, 32]}]
+    assert io["outputs"] == [{"name": "classLabel", "type": "string"}, {"name": "classLabel_probs", "type": "dict"}]
+    assert m["classifier_32"]["census"]["weight_bytes"] > 10e6  # FP32 weights: twice the FP16 size
+    assert m["classifier_32"]["onnx_export"]["exporter"] == "torchscript"
+    assert m["classifier_32"]["onnx_export"]["opset"] == 17
+    assert "opset 18, not 17" in m["classifier_32"]["onnx_export"]["dynamo_not_used"]
+
+    import coremltools as ct
+
+    package = _unzip(repo, "classifier_32", tmp_path)
+    spec = ct.utils.load_spec(str(package))
+    assert spec.description.predictedFeatureName == "classLabel"
+    (block,) = spec.mlProgram.functions["main"].block_specializations.values()
+    (classify,) = [op for op in block.operations if op.type == "classify"]
+    values = classify.inputs["classes"].arguments[0].value.immediateValue.list.values
+    prepared = json.loads((repo.path / "artifacts/prepare/manifest.json").read_text())
+    assert [v.immediateValue.tensor.strings.values[0] for v in values] == prepared["classes"]
+
+
+@pytest.mark.slow
+def test_single_head_attention_needs_fewer_reshapes_than_multi_head(tmp_path):
+    """The paper's SHMA argument, counted: iformer_m vs EfficientFormerV2-S2 (12.7 M, 8 heads), same export."""
+    import timm
+    import torch
+
+    from iformer.export import deploy_form, explicit_attention
+    from pipeline.config import CoreMLExportConfig
+    from pipeline.deploy import coreml
+
+    def exported_census(model, name):
+        x = torch.randn(1, 3, 224, 224)
+        program = torch.export.export(model, (x,))
+        path = tmp_path / f"{name}.mlpackage"
+        coreml.convert(program, 224, ["logits"], CoreMLExportConfig()).save(str(path))
+        return census.census_of(path)
+
+    ours = exported_census(deploy_form(timm.create_model("iformer_m")), "iformer_m")
+    theirs = exported_census(explicit_attention(timm.create_model("efficientformerv2_s2").eval()), "effv2")
+    assert ours["by_type"]["softmax"] == 6 and theirs["by_type"]["softmax"] == 9
+    assert ours["reshape_transpose"] < theirs["reshape_transpose"]
+    # Per attention block, too: the difference is not only that iformer_m has fewer of them.
+    assert ours["reshape_transpose"] / 6 < theirs["reshape_transpose"] / 9
+    assert 850 <= ours["ops"] <= 900  # the official iFormer-M export at 224 holds 875
+
+
+# -- bad input: one error line, no export directory --------------------------------------------
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("bad-export") / "repo", copy.deepcopy(TINY))
+    repo.stage("prepare")
+    return repo
+
+
+def _rejects(repo, needle):
+    repo.stage_error("export", needle)
+    assert not (repo.path / "artifacts/export").exists() and not (repo.path / "artifacts/export.tmp").exists()
+    assert not (repo.path / "metrics/export.json").exists()
+
+
+def test_export_before_pretrain(prepared):
+    _rejects(prepared, "run the pretrain stage first")
+
+
+@pytest.mark.parametrize("variant, classes, needle", [
+    ("iformer_s", None, "holds iformer_s, but model.variant is iformer_t"),
+    ("iformer_t", [str(i) for i in range(12)], "holds 12 classes"),
+])
+def test_mismatched_checkpoint(prepared, variant, classes, needle):
+    write_weights(prepared, variant, classes)
+    try:
+        _rejects(prepared, needle)
+    finally:
+        shutil.rmtree(prepared.path / "artifacts/pretrain")
+
+
+def test_export_size_not_a_multiple_of_32(tiny_repo):
+    tiny_repo.set_params({"export": {"classifier_sizes": [224, 100]}})
+    _rejects(tiny_repo, "export.classifier_sizes = [224, 100]: must be a multiple of 32")
+
+
+# -- the compute plan summary, against a fake plan with coremltools' attributes -----------------
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Op:
+    def __init__(self, operator_name, output, blocks=()):
+        self.operator_name, self.outputs, self.blocks = operator_name, [_Named(output)], list(blocks)
+
+
+class _Block:
+    def __init__(self, *operations):
+        self.operations = list(operations)
+
+
+class _Usage:
+    def __init__(self, preferred, supported):
+        self.preferred_compute_device, self.supported_compute_devices = preferred, supported
+
+
+class _Cost:
+    def __init__(self, weight):
+        self.weight = weight
+
+
+class FakePlan:
+    """Implements what `compute_plan.summarize` reads from coremltools' `MLComputePlan`."""
+
+    def __init__(self, block, usage, cost):
+        function = type("F", (), {"block": block})()
+        program = type("P", (), {"functions": {"main": function}})()
+        self.model_structure = type("S", (), {"program": program})()
+        self._usage, self._cost = usage, cost
+
+    def get_compute_device_usage_for_mlprogram_operation(self, op):
+        return self._usage.get(op.outputs[0].name)
+
+    def get_estimated_cost_for_mlprogram_operation(self, op):
+        return self._cost.get(op.outputs[0].name)
+
+
+def test_compute_plan_summary_from_a_fake_plan():
+    from coremltools.models import compute_device as cd
+
+    ane, gpu, cpu = (cls.__new__(cls) for cls in (cd.MLNeuralEngineComputeDevice, cd.MLGPUComputeDevice,
+                                                   cd.MLCPUComputeDevice))
+    inner = _Block(_Op("softmax", "attn"))
+    block = _Block(_Op("const", "w"), _Op("conv", "c1"), _Op("cond", "branch", [inner]), _Op("gelu", "g1"),
+                   _Op("reshape", "r1"))
+    usage = {"c1": _Usage(ane, [ane, gpu, cpu]), "branch": _Usage(ane, [ane, cpu]), "attn": _Usage(gpu, [gpu, cpu]),
+             "g1": _Usage(cpu, [cpu]), "r1": _Usage(ane, [ane, cpu])}
+    cost = {"c1": _Cost(0.5), "branch": _Cost(0.0), "attn": _Cost(0.2), "g1": _Cost(0.3)}  # r1: no estimate
+    s = compute_plan.summarize(FakePlan(block, usage, cost))
+    assert s["ops"] == 5  # the const has no device usage and is not counted
+    assert s["op_share"] == {"neural_engine": 0.6, "gpu": 0.2, "cpu": 0.2}
+    assert s["cost_share"] == pytest.approx({"neural_engine": 0.5, "gpu": 0.2, "cpu": 0.3})
+    assert s["off_neural_engine_ops"] == 2
+    assert s["off_neural_engine_by_type"] == {"gelu": 1, "softmax": 1}
+    assert s["off_neural_engine"][0] == {"type": "gelu", "output": "g1", "device": "cpu", "supported": ["cpu"],
+                                         "cost": 0.3}
+    assert s["off_neural_engine"][1]["supported"] == ["cpu", "gpu"]
+
+
+def test_compute_plan_is_skipped_with_the_reason_off_macos(tmp_path):
+    assert compute_plan.plan_for(tmp_path / "any.mlpackage") == {
+        "skipped": "MLComputePlan needs macOS (Core ML framework); this host runs Linux"}
