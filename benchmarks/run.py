@@ -163,7 +163,8 @@ def p3(rounds: int, per_round: int, threads: int, variant: str = "iformer_m", si
 
     from iformer.export import deploy_form
     from iformer.models import build_model, fused_copy
-    from pipeline.deploy import backends, chatter, onnx
+    from pipeline import console
+    from pipeline.deploy import backends, onnx
 
     torch.set_num_threads(threads)
     unfused = build_model(variant, 1000).eval()
@@ -172,7 +173,7 @@ def p3(rounds: int, per_round: int, threads: int, variant: str = "iformer_m", si
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "deploy.onnx"
         start = time.perf_counter()
-        with chatter.to_log(Path(tmp) / "export.log"):
+        with console.to_log(Path(tmp) / "export.log"):
             program = torch.export.export(nets["deploy"], (x,))
             onnx.export(program, nets["deploy"], x, path, 18, "image", ["logits"])
         print(f"P3 torch.export + dynamo ONNX export of {variant}: {time.perf_counter() - start:.1f} s", flush=True)

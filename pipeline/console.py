@@ -5,14 +5,18 @@ Ray prints (its driver-side loggers, the controller's and workers' forwarded
 stdout/stderr, C++ warnings) is written to a log file in the run's directory;
 only lines our own training workers print with the stage's prefix are passed
 through, without Ray's coloured `(RayTrainWorker pid=…)` prefix. No ANSI codes
-are written anywhere.
+are written anywhere. `to_log` does the same for libraries that print from C
+(coremltools' progress bars, torch.onnx's steps): everything written to the
+process's stdout and stderr inside the block goes to a file.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -87,3 +91,24 @@ def detach() -> None:
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     dispatcher.remove_handler("iformer_console")
+
+
+@contextmanager
+def to_log(path: Path) -> Iterator[None]:
+    """Everything written to stdout/stderr inside the block (from Python or C) goes to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log, warnings.catch_warnings():
+        warnings.simplefilter("default")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, layout
+from .. import checkpoint, console, layout
 from ..config import Config
 from ..data import Prepared
 from ..errors import PipelineError
 from ..tracking import StageRun, metric_batch, write_manifest
-from . import census, chatter, compute_plan, coreml, onnx
+from . import census, compute_plan, coreml, onnx
 
 log = logging.getLogger(__name__)
 STAGE = "export"
@@ -109,7 +109,7 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
         ref = module(example)
     ref = list(ref) if isinstance(ref, (list, tuple)) else [ref]
     names = output_names(target)
-    with chatter.to_log(chatter_log):
+    with console.to_log(chatter_log):
         program = torch.export.export(module, (example,))
         onnx_info = onnx.export(program, module, example, out / f"{target.name}.onnx", ecfg.onnx.opset,
                                 coreml.INPUT, names)
@@ -121,7 +121,7 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
                         std=inputs.weights["std"] if image else None, softmax=bool(labels))
     cm_names = output_names(target, labels=bool(labels))
     package = out / f"{target.name}.mlpackage"
-    with chatter.to_log(chatter_log):
+    with console.to_log(chatter_log):
         cm_program = program if cm_module is module else torch.export.export(cm_module, (example,))
         coreml.convert(cm_program, target.size, cm_names, ecfg.coreml, labels).save(str(package))
     expected = coreml.expected_interface(target.size, {n: list(r.shape) for n, r in zip(cm_names, ref)},
