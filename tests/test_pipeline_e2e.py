@@ -43,7 +43,10 @@ def test_default_log_is_short_and_ours(default_repo):
                   "GetTimeoutError", "Checkpoint successfully created"):
         assert noise not in log, noise
     lines = log.splitlines()
-    assert len(lines) < 110, log
+    # DVC's own lines, ours ([stage] ...) and the report's table; Ray alone used to add ~75.
+    strangers = [line for line in lines if line and not line.startswith(("[", "Running stage", "> python",
+                                                                          "Updating lock", "Generating lock"))]
+    assert len(strangers) < 40, strangers
     assert any(line.startswith("[pretrain] epoch 6/6: train_loss") for line in lines)
     assert any(line.startswith("[evaluate] evaluated 360/360 images") for line in lines)
     ray_log = next(line.split(": ", 1)[1] for line in lines if line.startswith("[pretrain] Ray's own log: "))
