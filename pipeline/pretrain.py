@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +210,8 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         epochs=state["epoch"],
         final=summary,
     )
-    print(f"pretrain: {cfg.model.variant} val_top1 {summary.get('val_top1', float('nan')):.4f} "
-          f"after {state['epoch']} epochs -> {out / 'model.pt'}", file=sys.stderr)
+    log.info("%s val_top1 %.4f after %d epochs -> %s", cfg.model.variant, summary.get("val_top1", float("nan")),
+             state["epoch"], out / "model.pt")
 
 
 def log_model(cfg: Config, weights_path: Path) -> None:
