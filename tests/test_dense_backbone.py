@@ -130,11 +130,14 @@ def test_fused_backbone_converts_to_core_ml_at_512():
 
     model = IFormerBackbone("iformer_t").eval().fuse()
     x = torch.randn(1, 3, 512, 512)
-    traced = torch.jit.trace(model, x, check_trace=False)
-    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="image", shape=x.shape)],
-                         convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    # As the export stage converts: one static-shape torch.export program (the window
+    # arithmetic is Python ints, so nothing about the shapes is traced as tensor ops).
+    program = torch.export.export(model, (x,)).run_decompositions({})
+    mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
     outputs = mlmodel.get_spec().description.output
     assert len(outputs) == 4
+    shapes = [tuple(o.type.multiArrayType.shape) for o in outputs]
+    assert [s[-1] for s in shapes] == [128, 64, 32, 16], shapes  # strides 4, 8, 16, 32 at 512
 
 
 def test_registered_in_mmdet_and_mmseg():
