@@ -116,6 +116,17 @@ def make_repo(dest: Path, params: dict | None = None) -> Repo:
     return repo
 
 
+def exported_repo(dest: Path, over: dict, run: str) -> Repo:
+    """A tiny repo (TINY + `over`): prepared digits, untrained weights, the export stage run."""
+    import copy
+
+    repo = make_repo(dest, deep_update(copy.deepcopy(TINY), copy.deepcopy(over)))
+    repo.stage("prepare")
+    write_weights(repo)
+    repo.stage("export", env={"IFORMER_PIPELINE_RUN": run})
+    return repo
+
+
 def write_weights(repo: Repo, variant: str = "iformer_t", classes: list[str] | None = None) -> Path:
     """A real (untrained) `artifacts/pretrain/model.pt` for the prepared classes: stages after
     pretrain run on it without a training run."""

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from conftest import TINY, make_repo, write_weights
+from conftest import TINY, exported_repo, make_repo, write_weights
 from pipeline.deploy import census, compute_plan
 
 SMALL = {"export": {"classifier_sizes": [64], "backbone_size": 64}}
@@ -15,13 +15,7 @@ SMALL = {"export": {"classifier_sizes": [64], "backbone_size": 64}}
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny repo: prepared digits at 32 px, untrained iformer_t weights, the export stage run."""
-    from conftest import deep_update
-
-    repo = make_repo(tmp_path_factory.mktemp("export") / "repo", deep_update(copy.deepcopy(TINY), copy.deepcopy(SMALL)))
-    repo.stage("prepare")
-    write_weights(repo)
-    repo.stage("export", env={"IFORMER_PIPELINE_RUN": "export-test"})
-    return repo
+    return exported_repo(tmp_path_factory.mktemp("export") / "repo", SMALL, "export-test")
 
 
 def _unzip(repo, name, tmp_path):
@@ -78,15 +72,9 @@ def test_export_is_logged_under_the_pipeline_run(exported):
 
 @pytest.mark.slow
 def test_image_input_class_labels_fp32_and_opset_17(tmp_path):
-    from conftest import deep_update
-
-    params = deep_update(copy.deepcopy(TINY), {"export": {
+    repo = exported_repo(tmp_path / "repo", {"export": {
         "classifier_sizes": [], "backbone_size": None,
-        "coreml": {"input": "image", "class_labels": True, "precision": "fp32"}, "onnx": {"opset": 17}}})
-    repo = make_repo(tmp_path / "repo", params)
-    repo.stage("prepare")
-    write_weights(repo)
-    repo.stage("export")
+        "coreml": {"input": "image", "class_labels": True, "precision": "fp32"}, "onnx": {"opset": 17}}}, "image-io")
     m = json.loads((repo.path / "artifacts/export/manifest.json").read_text())["models"]
     assert list(m) == ["classifier_32"]
     io = m["classifier_32"]["coreml_interface"]

@@ -1,14 +1,13 @@
 """The latency stage: ONNX Runtime and torch timed for real; the Apple backends' orchestration
 against fake devices implementing the coremltools calls the code makes."""
 import asyncio
-import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, deep_update, make_repo, write_weights
+from conftest import exported_repo, write_weights
 from pipeline import report, tracking
 from pipeline.config import Config
 from pipeline.deploy import backends, latency
@@ -23,11 +22,7 @@ SMALL = {"export": {"classifier_sizes": [], "backbone_size": 64},
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("latency") / "repo", deep_update(copy.deepcopy(TINY), copy.deepcopy(SMALL)))
-    repo.stage("prepare")
-    write_weights(repo)
-    repo.stage("export", env={"IFORMER_PIPELINE_RUN": "latency-test"})
-    return repo
+    return exported_repo(tmp_path_factory.mktemp("latency") / "repo", SMALL, "latency-test")
 
 
 @pytest.mark.slow

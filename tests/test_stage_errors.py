@@ -1,7 +1,6 @@
 """Bad input at the stage CLI: one clear error, exit 2, nothing half-written."""
 import socket
 
-import pytest
 
 
 def _fails_cleanly(repo, stage, needle, env=None):
