@@ -2,7 +2,6 @@
 import socket
 
 
-
 def _fails_cleanly(repo, stage, needle, env=None):
     out = repo.stage_error(stage, needle, env=env)
     assert not (repo.path / "artifacts" / stage / "manifest.json").exists()
