@@ -168,7 +168,10 @@ def read_checkpoint(path: str | Path) -> dict:
     numpy_core = np._core if hasattr(np, "_core") else np.core
     extra = [argparse.Namespace, np.dtype, type(np.dtype("float64")),
              (numpy_core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-    with torch.serialization.safe_globals(extra):
+    # The context manager removes its globals on exit, even ones allowed before it
+    # (e.g. numpy.dtype for mmengine checkpoints): only lend the missing ones.
+    allowed = set(torch.serialization.get_safe_globals())
+    with torch.serialization.safe_globals([g for g in extra if g not in allowed]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

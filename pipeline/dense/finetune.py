@@ -122,7 +122,11 @@ def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
 def summarize(task: str, raw: dict, data: dict) -> dict:
     """Our metric names from mmdet/mmseg's; AP in 0..1 (as COCO), IoU/accuracies in % (as mmseg)."""
     missing = [k for k in METRICS[task].values() if k not in raw]
-    if missing:
+    if missing and task == "detection" and not any(k.startswith("coco/") for k in raw):
+        # mmdet's CocoMetric returns nothing when the model detected nothing at all: AP 0.
+        log.warning("the detector found nothing on the validation images; AP is 0")
+        raw = {**raw, **{k: 0.0 for k in missing}}
+    elif missing:
         raise PipelineError(f"evaluation returned no {', '.join(missing)} (got {sorted(raw)})")
     out = {ours: float(raw[theirs]) for ours, theirs in METRICS[task].items()}
     if task == "segmentation":
