@@ -273,7 +273,7 @@ class SegmentationModelConfig(_Section):
 
 
 class SegmentationTrainConfig(_Section):
-    iters: int = Field(300, gt=0)               # paper: 40k
+    iters: int = Field(400, gt=0)               # paper: 40k
     batch_size: int = Field(16, gt=0)           # global (paper: 32)
     crop_size: int = Field(64, gt=0)            # paper: 512
     image_scale: tuple[int, int] = (512, 128)   # RandomResize base scale (paper: 2048x512)
@@ -284,7 +284,7 @@ class SegmentationTrainConfig(_Section):
     power: float = Field(0.9, gt=0.0)
     min_lr: float = Field(0.0, ge=0.0)
     warmup_iters: int = Field(0, ge=0)
-    checkpoint_interval: int = Field(150, gt=0)  # iterations
+    checkpoint_interval: int = Field(200, gt=0)  # iterations
     log_interval: int = Field(10, gt=0)
     seed: int = 0
 

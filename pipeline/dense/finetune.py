@@ -72,7 +72,8 @@ def initial_weights(cfg: Config, root: Path, task: str) -> Path:
 
 
 def run_name(cfg: Config, stage: str, task: str, data: dict, init_sha: str) -> str:
-    key = {"section": getattr(cfg, task).model_dump(mode="json"), "variant": cfg.model.variant,
+    section = getattr(cfg, task).model_dump(mode="json", exclude={"samples"})  # drawing is not training
+    key = {"section": section, "variant": cfg.model.variant,
            "data": {k: data.get(k) for k in ("source", "root", "classes", "splits")}, "init": init_sha}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{stage}-{cfg.model.variant}-{digest}"
@@ -158,6 +159,8 @@ def run_stage(stage: str):
 
         task = inputs.task
         section = getattr(cfg, task)
+        # An earlier run's manifest would claim outputs this run is about to replace.
+        layout.manifest_path(stage, root).unlink(missing_ok=True)
         result = fit(cfg, root, inputs, srun)
         metrics = summarize(task, result.metrics, inputs.data)
         out = layout.stage_dir(stage, root)
