@@ -7,5 +7,5 @@ Owns the `prepare_dense`, `finetune_coco` and `finetune_ade20k` stages:
 workers, with `hooks` for Ray checkpoints and MLflow losses), `finetune` (the
 stages' check/run), `samples` (prediction images) and `mmengine_checkpoints`
 (mmengine checkpoints under torch's weights-only loading). OpenMMLab is
-imported only inside these modules' functions that need it.
+imported only where it is used, never by `import pipeline` or `import iformer`.
 """
