@@ -254,14 +254,15 @@ def run_dir(cfg, root: Path, name: str) -> Path:
     return Path(sp) / name
 
 
-def scaling_config(cfg):
+def scaling_config(cfg, section=None):
+    """Workers from `section` (a stage's own `ray` block: num_workers, cpus_per_worker), else `ray`."""
     from ray.train import ScalingConfig
 
-    r = cfg.ray
-    resources = {"CPU": r.cpus_per_worker}
+    r, own = cfg.ray, section or cfg.ray
+    resources = {"CPU": own.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
-    return ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=own.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources)
 
 
 def torch_config(cfg):

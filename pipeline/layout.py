@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: The classification path in pipeline order. Later issues append stages here.
-STAGES: tuple[str, ...] = ("prepare", "pretrain", "evaluate", "export", "latency", "report")
+#: All stages in pipeline order. Later issues insert theirs before "report".
+STAGES: tuple[str, ...] = ("prepare", "pretrain", "evaluate", "export", "latency", "prepare_dense",
+                           "finetune_coco", "finetune_ade20k", "report")
 
 
 def repo_root() -> Path:

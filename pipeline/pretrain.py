@@ -13,14 +13,13 @@ import csv
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, cluster, layout, lifecycle
+from . import checkpoint, cluster, layout, lifecycle, trainer
 from .config import Config
 from .data import Prepared
 from .errors import PipelineError
@@ -82,81 +81,23 @@ def check(cfg: Config, root: Path) -> Inputs:
     return Inputs(prepared, name, teacher_path)
 
 
-def _trainer_class():
-    from ray.train.torch import TorchTrainer
-
-    class Trainer(TorchTrainer):
-        """TorchTrainer whose Ctrl-C stays a KeyboardInterrupt.
-
-        Ray's own SIGINT handler aborts the run and exits 0 or 1; ours lets the
-        stage mark its MLflow runs KILLED and shut its local Ray down
-        (`lifecycle`). On a cluster the run's actors end with the driver.
-        """
-
-        def _register_sigint_handler(self, controller) -> None:
-            return None
-
-    return Trainer
-
-
 def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
     """Run the Ray Train job; returns the final training state dict."""
-    from ray.train import TrainingFailedError
-
     from .train import train_loop_per_worker
 
-    trainer = _trainer_class()(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "prepared_dir": str(inputs.prepared.dir),
-            "teacher_path": inputs.teacher_path,
-            "tracking_uri": srun.tracking_uri if srun else None,
-            "run_id": srun.run_id if srun else None,
-        },
-        scaling_config=cluster.scaling_config(cfg),
-        run_config=cluster.run_config(cfg, root, inputs.run_name),
-        torch_config=cluster.torch_config(cfg),
-    )
-    log_file = cluster.run_dir(cfg, root, inputs.run_name) / "ray.log"
-    with cluster.session(cfg, root, "pretrain", log_file):
-        log.info("Ray's own log: %s", log_file)
-        try:
-            result = trainer.fit()
-        except TrainingFailedError as err:
-            raise PipelineError(training_failure(err, cfg, log_file)) from None
+    result = trainer.fit(cfg, root, "pretrain", inputs.run_name, train_loop_per_worker, {
+        "cfg": cfg.to_dict(),
+        "prepared_dir": str(inputs.prepared.dir),
+        "teacher_path": inputs.teacher_path,
+        "tracking_uri": srun.tracking_uri if srun else None,
+        "run_id": srun.run_id if srun else None,
+    }, cluster.scaling_config(cfg))
     if result.checkpoint is None:
         raise PipelineError(f"ray run {inputs.run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = checkpoint.load_training_state(Path(d) / checkpoint.STATE_FILE, "final ray checkpoint")
     state["ray_checkpoint"] = result.checkpoint.path
     return state
-
-
-def training_failure(err, cfg: Config, log_file: Path) -> str:
-    """One line for a failed Ray Train run: which worker, why, and how to go on.
-
-    Ray reports a dead worker either per rank (WorkerGroupError) or as an
-    actor death under the controller (ControllerError); both name the actor
-    in an indented `class_name: / pid: / ip:` block when a process died.
-    """
-    failures = sorted((getattr(err, "worker_failures", None) or {}).items())
-    rank, cause = failures[0] if failures else (None, getattr(err, "controller_failure", err))
-    text = str(cause)
-    found = dict(re.findall(r"^\s*(class_name|pid|ip): (\S+)", text, re.M))
-    exit_detail = re.search(r"Worker exit detail: ([^.]*)", text)
-    last = text.strip().splitlines()[-1:] or [type(cause).__name__]
-    if rank is not None or found.get("class_name") == "RayTrainWorker":
-        where = f" pid {found['pid']} on {found.get('ip', '?')}" if "pid" in found else ""
-        what = f"training worker{'' if rank is None else f' rank {rank}'}{where} failed"
-    else:
-        what = "the Ray Train run failed"
-    what += f": {exit_detail.group(1) if exit_detail else last[0]}"
-    if len(failures) > 1:
-        what += f" (and {len(failures) - 1} more workers)"
-    return (f"ray: {what}; rerun `dvc repro` to resume from the last checkpoint"
-            + ("" if cfg.ray.max_failures else ", or set ray.max_failures to restart workers by itself")
-            + f" (details: {log_file})")
 
 
 def write_history(history: list[dict], path: Path) -> None:

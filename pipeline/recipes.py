@@ -4,6 +4,10 @@
 `params.yaml` with the recipe, keeping its `ray` and `mlflow` sections (where
 the run happens is not part of a recipe). `python -m pipeline.recipes --list`
 names them. Each recipe is a set of overrides on the schema defaults.
+
+The dense presets (`mask_rcnn_1x`, `semantic_fpn_40k`; `pipeline/dense/presets.py`)
+rewrite only their own section (`detection` / `segmentation`) and keep the rest
+of params.yaml; `--data-root` then names the COCO / ADE20K root.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .dense.presets import PRESETS
 from .errors import PipelineError
 
 # Table 9 plus per-variant settings. The paper's Table 9 lists EMA "None" for
@@ -75,13 +80,18 @@ def build(name: str, keep: dict | None = None, overrides: dict | None = None):
     """The Config of recipe `name`, with `keep` sections and dotted `overrides` on top."""
     from .config import Config, parse_config
 
-    if name not in RECIPES:
-        raise PipelineError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
-    data = _merge(Config().to_dict(), RECIPES[name])
-    data["recipe"] = name
-    for section in ("ray", "mlflow"):
-        if keep and section in keep:
-            data[section] = keep[section]
+    if name in PRESETS:  # one dense section; everything else stays as written
+        section, over = PRESETS[name]
+        data = copy.deepcopy(keep) if keep else Config().to_dict()
+        data[section] = _merge(Config().to_dict()[section], over)
+    elif name in RECIPES:
+        data = _merge(Config().to_dict(), RECIPES[name])
+        data["recipe"] = name
+        for section in ("ray", "mlflow"):
+            if keep and section in keep:
+                data[section] = keep[section]
+    else:
+        raise PipelineError(f"unknown recipe {name!r}; known: {', '.join(sorted([*RECIPES, *PRESETS]))}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -126,19 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", nargs="?", help="recipe to write into params.yaml")
     ap.add_argument("--list", action="store_true", help="list the recipes")
-    ap.add_argument("--data-root", help="ImageNet root (train/<class>/*, val/<class>/*)")
+    ap.add_argument("--data-root", help="ImageNet root (train/<class>/*, val/<class>/*); "
+                    "for a dense preset, the COCO / ADE20K root")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted override, value parsed as YAML (repeatable)")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     if args.list or not args.name:
-        for n in sorted(RECIPES):
+        for n in sorted([*RECIPES, *PRESETS]):
             print(n)
         return 0
     try:
         overrides = {}
         if args.data_root:
-            overrides["data.root"] = args.data_root
+            field = f"{PRESETS[args.name][0]}.data.root" if args.name in PRESETS else "data.root"
+            overrides[field] = args.data_root
         for item in args.set:
             if "=" not in item:
                 raise PipelineError(f"--set {item!r}: expected KEY=VALUE")
@@ -147,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.params)
         keep = yaml.safe_load(path.read_text()) if path.exists() else None
         cfg = build(args.name, keep=keep if isinstance(keep, dict) else None, overrides=overrides)
-        if cfg.data.source == "imagefolder":
+        if args.name in PRESETS and args.data_root and not Path(args.data_root).expanduser().is_dir():
+            # prepare_dense checks every annotation; here, only that the root is there
+            raise PipelineError(f"{PRESETS[args.name][0]}.data.root: {args.data_root} is not a directory")
+        if args.name not in PRESETS and cfg.data.source == "imagefolder":
             from .data import check_prepare
 
             check_prepare(cfg, path.parent)
@@ -158,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(rewrite(path.read_text(), cfg.to_dict()) if path.exists() else
                    f"# Written by `python -m pipeline.recipes {args.name}`.\n" + dump_config(cfg))
     tmp.replace(path)
+    if args.name in PRESETS:
+        section = getattr(cfg, PRESETS[args.name][0])
+        print(f"wrote {path} ({PRESETS[args.name][0]} preset {args.name}, lr {section.train.lr:g} "
+              f"at global batch {section.train.batch_size})")
+        return 0
     print(f"wrote {path} (recipe {args.name}, lr {cfg.lr:g} at global batch {cfg.train.batch_size})")
     return 0
 

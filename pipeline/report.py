@@ -25,6 +25,7 @@ class Inputs:
     evaluation: dict
     pretrain: dict
     prepare: dict
+    dense: dict  # stage -> its metrics (finetune_coco, finetune_ade20k), when they ran
     latency: dict | None = None  # artifacts/latency/latency.json
     export: dict | None = None   # the export stage's manifest
 
@@ -38,9 +39,45 @@ def check(cfg: Config, root: Path) -> Inputs:
     with open(hist) as f:
         history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
     manifests = {s: read_stage_manifest(s, root) or {} for s in ("prepare", "pretrain")}
+    dense = {s: json.loads(layout.metrics_path(s, root).read_text()) for s in DENSE_STAGES
+             if layout.metrics_path(s, root).is_file()}
     latency = layout.stage_dir("latency", root) / "latency.json"
     return Inputs(history, json.loads(metrics.read_text()), manifests["pretrain"], manifests["prepare"],
-                  json.loads(latency.read_text()) if latency.is_file() else None, read_stage_manifest("export", root))
+                  dense, json.loads(latency.read_text()) if latency.is_file() else None,
+                  read_stage_manifest("export", root))
+
+
+DENSE_STAGES = ("finetune_coco", "finetune_ade20k")
+
+
+def _percent(ap):
+    """COCO AP comes as 0..1; the paper prints percent."""
+    return None if ap is None else 100 * ap
+
+
+def dense_section(cfg: Config, dense: dict) -> tuple[list[str], dict]:
+    """Mask R-CNN AP and Semantic FPN mIoU beside the paper's Table 5 row."""
+    if not dense:
+        return [], {}
+    coco, ade = dense.get("finetune_coco", {}), dense.get("finetune_ade20k", {})
+    ref = reference_for(cfg.model.variant)
+    ours = {"ap_box": _percent(coco.get("bbox_ap")), "ap_mask": _percent(coco.get("segm_ap")), "miou": ade.get("miou"),
+            "miou_majority_baseline": ade.get("miou_majority_baseline")}
+    data = f"detection on `{cfg.detection.data.source}`, segmentation on `{cfg.segmentation.data.source}`"
+    lines = ["", "## Dense prediction", "", f"Mask R-CNN and Semantic FPN with the {cfg.model.variant} backbone; {data}.",
+             "", "| | AP box | AP mask | mIoU |", "|---|---|---|---|",
+             f"| this run | {_fmt(ours['ap_box'])} | {_fmt(ours['ap_mask'])} | {_fmt(ours['miou'])} |"]
+    if ref:
+        lines.append(f"| paper (COCO 1x, ADE20K 40k; Table 5) | {_fmt(ref.ap_box)} | {_fmt(ref.ap_mask)} | "
+                     f"{_fmt(ref.miou)} |")
+    if ours["miou_majority_baseline"] is not None:
+        lines += ["", f"Predicting the most frequent class everywhere scores {ours['miou_majority_baseline']:.2f} mIoU "
+                  "on this validation set."]
+    if "digits" in (cfg.detection.data.source, cfg.segmentation.data.source):
+        lines += ["", "The digit scenes are the embedded default, not COCO / ADE20K: these figures show the "
+                  "fine-tuning works, and are not comparable with the paper's."]
+    return lines, {"ours": ours, "metrics": dense}
+
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -138,6 +175,7 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
     paper_top1 = (ref.top1_distilled if cfg.distill.enabled else ref.top1) if ref else None
     measured = ", ".join(f"{b} {r['models']['classifier_224']['median']:.2f}"
                          for b, r in (inputs.latency or {}).items() if "classifier_224" in r.get("models", {}))
+    dense_lines, summary["dense"] = dense_section(cfg, inputs.dense)
     lines = [
         f"# iFormer pipeline report: {cfg.model.variant}",
         "",
@@ -158,6 +196,7 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
                   "it shows the pipeline learns, and is not comparable with the paper's figure."]
     lines += latency_section(ref, inputs.latency, inputs.export)
     summary["latency"] = inputs.latency
+    lines += dense_lines
     lines += ["", "![loss and accuracy per epoch](curves.png)", "", "## Per-epoch history", "",
               "| epoch | train loss | val loss | val top-1 | img/s | lr |", "|---|---|---|---|---|---|"]
     for r in inputs.history:

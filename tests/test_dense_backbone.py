@@ -106,7 +106,6 @@ def test_checkpoint_of_another_variant_is_refused(tmp_path):
         load_backbone_weights(IFormerBackbone("iformer_t"), {"epoch": 3})
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # sizes become constants: static by design
 def test_traces_and_exports_with_static_shapes_at_512():
     model = IFormerBackbone("iformer_t").eval()
     x = torch.randn(1, 3, 512, 512)
@@ -119,9 +118,11 @@ def test_traces_and_exports_with_static_shapes_at_512():
                                                      (1, 256, 16, 16)]
             for a, b in zip(got, eager):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    # window arithmetic is Python ints: the exported graph holds no shape computations
+    # window arithmetic is Python ints: neither graph computes with sizes
     ops = {str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"}
     assert not any("sym_size" in op for op in ops), sorted(op for op in ops if "sym" in op)
+    graph = str(traced.inlined_graph)
+    assert not any(op in graph for op in ("aten::Int", "aten::floordiv", "aten::remainder"))
 
 
 @pytest.mark.slow
@@ -130,14 +131,16 @@ def test_fused_backbone_converts_to_core_ml_at_512():
 
     model = IFormerBackbone("iformer_t").eval().fuse()
     x = torch.randn(1, 3, 512, 512)
-    # As the export stage converts: one static-shape torch.export program (the window
-    # arithmetic is Python ints, so nothing about the shapes is traced as tensor ops).
-    program = torch.export.export(model, (x,)).run_decompositions({})
-    mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
-    outputs = mlmodel.get_spec().description.output
-    assert len(outputs) == 4
-    shapes = [tuple(o.type.multiArrayType.shape) for o in outputs]
-    assert [s[-1] for s in shapes] == [128, 64, 32, 16], shapes  # strides 4, 8, 16, 32 at 512
+    # Both ways the backbone reaches Core ML: jit.trace, and one static-shape torch.export
+    # program as the export stage converts (the window arithmetic is Python ints).
+    traced = torch.jit.trace(model, x, check_trace=False)
+    exported = torch.export.export(model, (x,)).run_decompositions({})
+    for program, inputs in ((traced, [ct.TensorType(name="image", shape=x.shape)]), (exported, None)):
+        mlmodel = ct.convert(program, inputs=inputs, convert_to="mlprogram",
+                             minimum_deployment_target=ct.target.iOS16)
+        outputs = mlmodel.get_spec().description.output
+        shapes = [tuple(o.type.multiArrayType.shape) for o in outputs]
+        assert [s[-1] for s in shapes] == [128, 64, 32, 16], shapes  # strides 4, 8, 16, 32 at 512
 
 
 def test_registered_in_mmdet_and_mmseg():

@@ -103,3 +103,13 @@ def test_checkpoints_pickled_the_original_way_stay_refused(tmp_path):
         torch.load(ckpt, map_location="cpu")
     _, resumed = _run(tmp_path, "again", "patched", 6, resume_from=ckpt)
     assert resumed.returncode != 0 and "getattr" in resumed.stderr
+
+
+def test_reading_a_backbone_checkpoint_keeps_the_mmengine_allow_list(tmp_path):
+    from iformer.dense.backbone import read_checkpoint
+    from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints, needed_globals
+
+    allow_mmengine_checkpoints()
+    torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "official.pth")
+    read_checkpoint(tmp_path / "official.pth")
+    assert set(needed_globals()) <= set(torch.serialization.get_safe_globals())

@@ -44,7 +44,7 @@ def _masked_shma(block: SHMABlock, x: torch.Tensor, key_mask: torch.Tensor) -> t
     """
     residual = block.mixer
     attn = residual.module
-    b, _, h, w = x.shape
+    b, _, h, w = win.static_shape(x)
     v, gate = attn.gate_act(attn.v_gate(x)).chunk(2, dim=1)
     q = attn.q(x).flatten(2).transpose(-1, -2).unsqueeze(1)
     k = attn.k(x).flatten(2).transpose(-1, -2).unsqueeze(1)
@@ -67,9 +67,9 @@ def windowed_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, window: int, c
     first, last = attn_at[0], attn_at[-1]
     for blk in blocks[:first]:
         x = blk(x)
-    b, _, h, w = x.shape
+    b, c, h, w = win.static_shape(x)
     pad_h, pad_w = win.padding(h, w, window)
-    chunks = min(chunks, x.shape[1])
+    chunks = min(chunks, c)
     x = win.partition(F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x, window, chunks)
     if pad_h or pad_w:
         valid = win.valid_mask(b, h, w, window, x)
@@ -144,7 +144,7 @@ class IFormerBackbone(nn.Module):
         for i, stage in enumerate(self.stages):
             if i in self.window_stages:
                 x = stage.downsample(x)
-                _, _, h, w = x.shape
+                _, _, h, w = win.static_shape(x)
                 if h > self.window_size or w > self.window_size:
                     x = windowed_blocks(stage.blocks, x, self.window_size, self.window_chunks)
                 else:  # one window covers the map: window attention is global attention
@@ -168,7 +168,10 @@ def read_checkpoint(path: str | Path) -> dict:
     numpy_core = np._core if hasattr(np, "_core") else np.core
     extra = [argparse.Namespace, np.dtype, type(np.dtype("float64")),
              (numpy_core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-    with torch.serialization.safe_globals(extra):
+    # The context manager removes its globals on exit, even ones allowed before it
+    # (e.g. numpy.dtype for mmengine checkpoints): only lend the missing ones.
+    allowed = set(torch.serialization.get_safe_globals())
+    with torch.serialization.safe_globals([g for g in extra if g not in allowed]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

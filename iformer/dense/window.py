@@ -15,6 +15,24 @@ import torch
 import torch.nn.functional as F
 
 
+def static_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """`x.shape` as Python ints, also under `torch.jit.trace`.
+
+    A tracer hands out sizes as traced values, so arithmetic on them lands in the
+    graph as integer ops (which Core ML's converter cannot fold here). With the
+    tracer paused while reading them, the traced graph holds fixed shapes for
+    the example input: static by design, like `torch.export` without dynamic dims.
+    """
+    if not torch.jit.is_tracing():
+        return tuple(x.shape)
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return tuple(int(s) for s in x.shape)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def padding(height: int, width: int, window: int) -> tuple[int, int]:
     """Rows and columns to add so both sides are multiples of `window`."""
     return (-height) % window, (-width) % window
@@ -24,7 +42,7 @@ def partition(x: torch.Tensor, window: int, chunks: int = 1) -> torch.Tensor:
     """(B, C, H, W) with H, W multiples of `window` -> (B * nH * nW, C, window, window)."""
     if chunks > 1:
         return torch.cat([partition(c, window) for c in x.chunk(chunks, dim=1)], dim=1)
-    b, c, h, w = x.shape
+    b, c, h, w = static_shape(x)
     x = x.view(b, c, h // window, window, w // window, window)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b * (h // window) * (w // window), c, window, window)
 
@@ -33,7 +51,7 @@ def reverse(windows: torch.Tensor, window: int, height: int, width: int, chunks:
     """Inverse of :func:`partition`: (B * nH * nW, C, window, window) -> (B, C, height, width)."""
     if chunks > 1:
         return torch.cat([reverse(c, window, height, width) for c in windows.chunk(chunks, dim=1)], dim=1)
-    n, c = windows.shape[:2]
+    n, c = static_shape(windows)[:2]
     nh, nw = height // window, width // window
     x = windows.view(n // (nh * nw), nh, nw, c, window, window)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(n // (nh * nw), c, height, width)

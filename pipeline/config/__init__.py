@@ -14,43 +14,31 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .errors import PipelineError
+from ..errors import PipelineError
+from .base import LaxPath, Pair, Section, check_multiple_of_32, ordered_pair
+from .dense import DetectionConfig, SegmentationConfig
+from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, LatencyConfig, OnnxExportConfig
+
+__all__ = ["VARIANTS", "LATENCY_BACKENDS", "Config", "CoreMLExportConfig", "DetectionConfig", "ExportConfig",
+           "LatencyConfig", "OnnxExportConfig", "SegmentationConfig", "dump_config", "load_config", "parse_config"]
 
 #: timm's registered iFormer classifiers (a test checks them against timm's registry).
 VARIANTS = ("iformer_t", "iformer_s", "iformer_m", "iformer_l", "iformer_l2", "iformer_h")
 
 
-# Strict: YAML already gives real numbers and booleans, so `"6"`, `true` for a
-# number or `"yes"` for a flag is a mistake to report, not a value to coerce.
-# Paths and pairs come from YAML as strings and lists, so those two containers
-# stay lax while their elements stay strict.
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
-
-
-LaxPath = Annotated[Path, Strict(False)]
-Pair = Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Strict(False)]
-
-
-def _check_multiple_of_32(v: int) -> int:
-    if v % 32:
-        raise ValueError(f"must be a multiple of 32 (the network downsamples 32x), got {v}")
-    return v
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     variant: Literal[VARIANTS] = "iformer_t"  # type: ignore[valid-type]
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     # 0 disables layer scale (paper: None for T/S/M/L, 1e-6 for H).
     layer_scale: float = Field(0.0, ge=0.0, le=1.0)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     # digits: ImageFolder made from scikit-learn's bundled handwritten digits.
     # imagefolder: ImageNet layout under `root` (train/<class>/*, val/<class>/*).
     source: Literal["digits", "imagefolder"] = "digits"
@@ -66,7 +54,7 @@ class DataConfig(_Section):
     @field_validator("image_size")
     @classmethod
     def _multiple_of_32(cls, v: int) -> int:
-        return _check_multiple_of_32(v)
+        return check_multiple_of_32(v)
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self):
@@ -75,7 +63,7 @@ class DataConfig(_Section):
         return self
 
 
-class AugConfig(_Section):
+class AugConfig(Section):
     rand_augment: Optional[str] = None  # timm auto_augment string, e.g. rand-m9-mstd0.5-inc1
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     scale: Pair = (0.7, 1.0)
@@ -90,9 +78,7 @@ class AugConfig(_Section):
     @field_validator("scale", "ratio")
     @classmethod
     def _ordered_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] <= v[1]):
-            raise ValueError(f"must be two positive numbers, low <= high, got {list(v)}")
-        return v
+        return ordered_pair(v)
 
     @field_validator("rand_augment")
     @classmethod
@@ -102,7 +88,7 @@ class AugConfig(_Section):
         return v
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     name: Literal["adamw"] = "adamw"
     # lr = base_lr * train.batch_size / base_batch_size (linear scaling rule).
     base_lr: float = Field(2e-3, gt=0.0, le=10.0)
@@ -113,14 +99,14 @@ class OptimConfig(_Section):
     clip_grad: Optional[float] = Field(None, gt=0.0)
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     name: Literal["cosine"] = "cosine"
     warmup_epochs: float = Field(1.0, ge=0.0)
     warmup_lr: float = Field(1e-6, ge=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(6, gt=0)
     batch_size: int = Field(64, gt=0)  # global: split evenly over ray.num_workers
     seed: int = 0
@@ -135,7 +121,7 @@ class TrainConfig(_Section):
     resume_from: Optional[LaxPath] = None
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     enabled: bool = False
     teacher: str = "regnety_160"
     # A file with the teacher's state dict, inside the repo's `teachers/`
@@ -146,7 +132,7 @@ class DistillConfig(_Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the distillation term
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     # null: RAY_ADDRESS if set, else a local Ray started in-process.
     address: Optional[str] = None
     num_workers: int = Field(1, gt=0)
@@ -166,89 +152,18 @@ class RayConfig(_Section):
     local_daemon_niceness: int = Field(10, ge=0, le=19)
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     batch_size: int = Field(128, gt=0)
 
 
-class CoreMLExportConfig(_Section):
-    target: Literal["iOS15", "iOS16", "iOS17", "iOS18"] = "iOS16"  # minimum deployment target (ML Program)
-    precision: Literal["fp16", "fp32"] = "fp16"  # compute precision; inputs and outputs stay float32
-    # tensor: float32 NCHW, normalised by the caller; image: RGB 0-255 with the normalisation baked in.
-    input: Literal["tensor", "image"] = "tensor"
-    class_labels: bool = False  # classifiers as Core ML classifiers (class label + probabilities)
-    # macOS only: max |Core ML - torch| relative to max |torch|.
-    tolerance: float = Field(0.05, gt=0.0)
-
-
-class OnnxExportConfig(_Section):
-    opset: int = Field(18, ge=17)
-    tolerance: float = Field(1e-4, gt=0.0)  # max |ONNX Runtime - torch| in FP32
-
-
-class ExportConfig(_Section):
-    # The classifier is exported at its training resolution and at each of these.
-    classifier_sizes: list[int] = [224]
-    # The dense-prediction backbone (four feature maps); null: not exported.
-    backbone_size: Optional[int] = Field(512, ge=32, le=2048)
-    coreml: CoreMLExportConfig = CoreMLExportConfig()
-    onnx: OnnxExportConfig = OnnxExportConfig()
-
-    @field_validator("classifier_sizes")
-    @classmethod
-    def _sizes(cls, v: list[int]) -> list[int]:
-        for size in v:
-            if not 32 <= size <= 2048:
-                raise ValueError(f"sizes must be in [32, 2048], got {size}")
-            _check_multiple_of_32(size)
-        return v
-
-    @field_validator("backbone_size")
-    @classmethod
-    def _backbone_size(cls, v: Optional[int]) -> Optional[int]:
-        return v if v is None else _check_multiple_of_32(v)
-
-
-#: Where latency can be measured (pipeline/deploy/backends.py).
-LATENCY_BACKENDS = ("iphone", "mac", "onnxruntime", "torch")
-Backend = Literal[LATENCY_BACKENDS]  # type: ignore[valid-type]
-
-
-class LatencyConfig(_Section):
-    backends: list[Backend] = Field(list(LATENCY_BACKENDS), min_length=1)
-    # Backends that must run: a skip (not macOS, no device, no signing team) becomes an error.
-    require: list[Backend] = []
-    # Exported models to time (names from the export stage's manifest).
-    models: list[str] = Field(["classifier_224", "backbone_512"], min_length=1)
-    runs: int = Field(30, gt=0)  # timed runs per model and backend, after warm-up
-    warmup: int = Field(5, ge=0)
-    # torch and ONNX Runtime intra-op threads. 1 by default: on a shared or busy CPU, more
-    # threads make eager torch wait at every parallel region (seconds instead of ms).
-    threads: int = Field(1, gt=0)
-    compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"  # Core ML (mac, iphone)
-    # iphone: the device's name or UDID; null: the only connected iPhone. The signing
-    # team comes from the environment (IFORMER_SIGNING_TEAM), never from this file.
-    device: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _require_listed(self):
-        for field in ("backends", "require", "models"):
-            values = getattr(self, field)
-            if len(set(values)) != len(values):
-                raise ValueError(f"latency.{field} lists a name twice: {values}")
-        missing = [b for b in self.require if b not in self.backends]
-        if missing:
-            raise ValueError(f"latency.require names {missing}, which latency.backends does not list")
-        return self
-
-
-class MlflowConfig(_Section):
+class MlflowConfig(Section):
     # null: MLFLOW_TRACKING_URI if set, else sqlite file `mlflow/mlflow.db` in the repo.
     tracking_uri: Optional[str] = None
     experiment: str = Field("iformer", min_length=1)
     log_model: bool = True
 
 
-class Config(_Section):
+class Config(Section):
     recipe: str = "digits"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -261,12 +176,14 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     latency: LatencyConfig = LatencyConfig()
+    detection: DetectionConfig = DetectionConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, v: str) -> str:
-        from .recipes import RECIPES
+        from ..recipes import RECIPES
 
         if v not in RECIPES and v != "custom":
             raise ValueError(f"unknown recipe {v!r}; known: {', '.join(sorted(RECIPES))}, custom")
@@ -279,6 +196,11 @@ class Config(_Section):
                 f"train.batch_size ({self.train.batch_size}) must be divisible by "
                 f"ray.num_workers ({self.ray.num_workers})"
             )
+        for name in ("detection", "segmentation"):
+            section = getattr(self, name)
+            if section.train.batch_size % section.ray.num_workers:
+                raise ValueError(f"{name}.train.batch_size ({section.train.batch_size}) must be divisible by "
+                                 f"{name}.ray.num_workers ({section.ray.num_workers})")
         return self
 
     # -- derived values -------------------------------------------------

@@ -1,0 +1,31 @@
+"""What every params.yaml section is built from: strict sections, lax paths and pairs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Strict
+
+# Strict: YAML already gives real numbers and booleans, so `"6"`, `true` for a
+# number or `"yes"` for a flag is a mistake to report, not a value to coerce.
+# Paths and pairs come from YAML as strings and lists, so those two containers
+# stay lax while their elements stay strict.
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+LaxPath = Annotated[Path, Strict(False)]
+Pair = Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Strict(False)]
+IntPair = Annotated[tuple[Annotated[int, Strict()], Annotated[int, Strict()]], Strict(False)]
+
+
+def check_multiple_of_32(v: int) -> int:
+    if v % 32:
+        raise ValueError(f"must be a multiple of 32 (the network downsamples 32x), got {v}")
+    return v
+
+
+def ordered_pair(v: tuple) -> tuple:
+    if not (0 < v[0] <= v[1]):
+        raise ValueError(f"must be two positive numbers, low <= high, got {list(v)}")
+    return v

@@ -1,0 +1,78 @@
+"""The `export` and `latency` sections (pipeline/deploy)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import Section, check_multiple_of_32
+
+class CoreMLExportConfig(Section):
+    target: Literal["iOS15", "iOS16", "iOS17", "iOS18"] = "iOS16"  # minimum deployment target (ML Program)
+    precision: Literal["fp16", "fp32"] = "fp16"  # compute precision; inputs and outputs stay float32
+    # tensor: float32 NCHW, normalised by the caller; image: RGB 0-255 with the normalisation baked in.
+    input: Literal["tensor", "image"] = "tensor"
+    class_labels: bool = False  # classifiers as Core ML classifiers (class label + probabilities)
+    # macOS only: max |Core ML - torch| relative to max |torch|.
+    tolerance: float = Field(0.05, gt=0.0)
+
+
+class OnnxExportConfig(Section):
+    opset: int = Field(18, ge=17)
+    tolerance: float = Field(1e-4, gt=0.0)  # max |ONNX Runtime - torch| in FP32
+
+
+class ExportConfig(Section):
+    # The classifier is exported at its training resolution and at each of these.
+    classifier_sizes: list[int] = [224]
+    # The dense-prediction backbone (four feature maps); null: not exported.
+    backbone_size: Optional[int] = Field(512, ge=32, le=2048)
+    coreml: CoreMLExportConfig = CoreMLExportConfig()
+    onnx: OnnxExportConfig = OnnxExportConfig()
+
+    @field_validator("classifier_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        for size in v:
+            if not 32 <= size <= 2048:
+                raise ValueError(f"sizes must be in [32, 2048], got {size}")
+            check_multiple_of_32(size)
+        return v
+
+    @field_validator("backbone_size")
+    @classmethod
+    def _backbone_size(cls, v: Optional[int]) -> Optional[int]:
+        return v if v is None else check_multiple_of_32(v)
+
+
+#: Where latency can be measured (pipeline/deploy/backends.py).
+LATENCY_BACKENDS = ("iphone", "mac", "onnxruntime", "torch")
+Backend = Literal[LATENCY_BACKENDS]  # type: ignore[valid-type]
+
+
+class LatencyConfig(Section):
+    backends: list[Backend] = Field(list(LATENCY_BACKENDS), min_length=1)
+    # Backends that must run: a skip (not macOS, no device, no signing team) becomes an error.
+    require: list[Backend] = []
+    # Exported models to time (names from the export stage's manifest).
+    models: list[str] = Field(["classifier_224", "backbone_512"], min_length=1)
+    runs: int = Field(30, gt=0)  # timed runs per model and backend, after warm-up
+    warmup: int = Field(5, ge=0)
+    # torch and ONNX Runtime intra-op threads. 1 by default: on a shared or busy CPU, more
+    # threads make eager torch wait at every parallel region (seconds instead of ms).
+    threads: int = Field(1, gt=0)
+    compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"  # Core ML (mac, iphone)
+    # iphone: the device's name or UDID; null: the only connected iPhone. The signing
+    # team comes from the environment (IFORMER_SIGNING_TEAM), never from this file.
+    device: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _require_listed(self):
+        for field in ("backends", "require", "models"):
+            values = getattr(self, field)
+            if len(set(values)) != len(values):
+                raise ValueError(f"latency.{field} lists a name twice: {values}")
+        missing = [b for b in self.require if b not in self.backends]
+        if missing:
+            raise ValueError(f"latency.require names {missing}, which latency.backends does not list")
+        return self

@@ -1,0 +1,194 @@
+"""The `finetune_coco` (Mask R-CNN) and `finetune_ade20k` (Semantic FPN) stages.
+
+`check` reads the prepared data description and the backbone's initial
+weights (the pretrain stage's `model.pt`, or an official iFormer file given as
+`<task>.backbone.checkpoint`) and loads them into the backbone strictly, so a
+checkpoint of another variant fails before Ray starts. `run` trains on Ray
+Train (`pipeline/dense/train.py`) under a run name derived from the config,
+the data and the initial weights (same inputs => resume), then writes
+`artifacts/<stage>/` (weights `model.pth` in mmengine's format, the resolved
+mmengine config as text, sample predictions) and `metrics/<stage>.json`, and
+logs them to the stage's MLflow run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from iformer.dense.backbone import BackboneWeightsError, IFormerBackbone, load_backbone_weights, read_checkpoint
+
+from .. import checkpoint, cluster, layout, lifecycle, trainer
+from ..config import Config
+from ..errors import PipelineError
+from ..tracking import StageRun, metric_batch, write_manifest
+from . import prepare
+
+log = logging.getLogger(__name__)
+
+TASK_OF = {"finetune_coco": "detection", "finetune_ade20k": "segmentation"}
+# Our metric names -> mmdet's CocoMetric / mmseg's IoUMetric keys.
+METRICS = {
+    "detection": {"bbox_ap": "coco/bbox_mAP", "bbox_ap50": "coco/bbox_mAP_50", "bbox_ap75": "coco/bbox_mAP_75",
+                  "segm_ap": "coco/segm_mAP", "segm_ap50": "coco/segm_mAP_50", "segm_ap75": "coco/segm_mAP_75"},
+    "segmentation": {"miou": "mIoU", "macc": "mAcc", "aacc": "aAcc"},
+}
+HEADLINE = {"detection": ("bbox_ap", "segm_ap"), "segmentation": ("miou",)}
+
+
+@dataclass
+class Inputs:
+    stage: str
+    task: str
+    data: dict
+    init: str
+    init_sha256: str
+    run_name: str
+
+
+def initial_weights(cfg: Config, root: Path, task: str) -> Path:
+    """Load the backbone's initial weights strictly; returns their file."""
+    field = f"{task}.backbone.checkpoint"
+    path = Path(getattr(cfg, task).backbone.checkpoint).expanduser()
+    path = path if path.is_absolute() else root / path
+    tracked = (layout.stage_dir("pretrain", root), root / "weights")  # what dvc.yaml lists as dependencies
+    if not any(path.absolute().is_relative_to(d) for d in tracked):
+        raise PipelineError(f"{field}: {path} is outside {tracked[0]} and {tracked[1]}, so DVC would not see "
+                            "it change; copy or link it into weights/")
+    if not path.is_file():
+        hint = "run the pretrain stage first" if path == layout.stage_dir("pretrain", root) / "model.pt" \
+            else "expected a pretrain model.pt or an official iFormer checkpoint"
+        raise PipelineError(f"{field}: {path} does not exist; {hint}")
+    try:
+        obj = read_checkpoint(path)
+    except Exception as err:
+        raise PipelineError(f"{field}: {path} is not a loadable checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:  # a pretrain weights file
+        obj = checkpoint.load_weights(path, field, expect_variant=cfg.model.variant)
+    try:
+        load_backbone_weights(IFormerBackbone(cfg.model.variant, window_size=0), obj, str(path))
+    except BackboneWeightsError as err:
+        raise PipelineError(f"{field}: {err} (model.variant is {cfg.model.variant})") from None
+    return path
+
+
+def run_name(cfg: Config, stage: str, task: str, data: dict, init_sha: str) -> str:
+    section = getattr(cfg, task).model_dump(mode="json", exclude={"samples"})  # drawing is not training
+    key = {"section": section, "variant": cfg.model.variant,
+           "data": {k: data.get(k) for k in ("source", "root", "classes", "splits")}, "init": init_sha}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{stage}-{cfg.model.variant}-{digest}"
+
+
+def check_stage(stage: str):
+    task = TASK_OF[stage]
+
+    def check(cfg: Config, root: Path) -> Inputs:
+        data = prepare.load(root, task)
+        if not Path(data["root"]).is_dir():
+            raise PipelineError(f"{data['root']}: the {task} data prepared by prepare_dense is gone; rerun it")
+        init = initial_weights(cfg, root, task)
+        sha = checkpoint.sha256(init)
+        name = run_name(cfg, stage, task, data, sha)
+        cluster.check(cfg)
+        lifecycle.exclusive(cluster.run_dir(cfg, root, name) / ".lock", stage)  # one trainer per Ray run
+        return Inputs(stage, task, data, str(init), sha, name)
+
+    return check
+
+
+def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
+    from .train import train_loop_per_worker
+
+    section = getattr(cfg, inputs.task)
+    result = trainer.fit(cfg, root, inputs.stage, inputs.run_name, train_loop_per_worker, {
+        "cfg": cfg.to_dict(), "task": inputs.task, "data": inputs.data, "init": inputs.init,
+        "tracking_uri": srun.tracking_uri if srun else None, "run_id": srun.run_id if srun else None,
+    }, cluster.scaling_config(cfg, section.ray))
+    if result.checkpoint is None or not result.metrics:
+        raise PipelineError(f"ray run {inputs.run_name} finished without a checkpoint or metrics")
+    return result
+
+
+def summarize(task: str, raw: dict, data: dict) -> dict:
+    """Our metric names from mmdet/mmseg's; AP in 0..1 (as COCO), IoU/accuracies in % (as mmseg)."""
+    missing = [k for k in METRICS[task].values() if k not in raw]
+    if missing and task == "detection" and not any(k.startswith("coco/") for k in raw):
+        # mmdet's CocoMetric returns nothing when the model detected nothing at all: AP 0.
+        log.warning("the detector found nothing on the validation images; AP is 0")
+        raw = {**raw, **{k: 0.0 for k in missing}}
+    elif missing:
+        raise PipelineError(f"evaluation returned no {', '.join(missing)} (got {sorted(raw)})")
+    out = {ours: float(raw[theirs]) for ours, theirs in METRICS[task].items()}
+    if task == "segmentation":
+        out["miou_majority_baseline"] = majority_baseline(data["splits"]["val"]["class_pixels"])
+    out.update(train_seconds=raw["train_seconds"], eval_seconds=raw["eval_seconds"])
+    return out
+
+
+def majority_baseline(class_pixels: list[int]) -> float:
+    """mIoU (%) of predicting the most frequent class everywhere (all-background on the digit scenes).
+
+    IoU of that class = its share of the labelled pixels; every other class
+    present scores 0; classes absent from the ground truth are left out, as
+    mmseg's IoUMetric leaves them out (NaN).
+    """
+    total = sum(class_pixels)
+    present = [c for c in class_pixels if c > 0]
+    return 100.0 * max(class_pixels) / total / len(present) if total else 0.0
+
+
+def run_stage(stage: str):
+    def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
+        import mlflow
+        import torch
+
+        from .mmengine_checkpoints import allow_mmengine_checkpoints
+        from .samples import draw_samples
+        from .train import build_config
+
+        task = inputs.task
+        section = getattr(cfg, task)
+        # An earlier run's manifest would claim outputs this run is about to replace.
+        layout.manifest_path(stage, root).unlink(missing_ok=True)
+        result = fit(cfg, root, inputs, srun)
+        metrics = summarize(task, result.metrics, inputs.data)
+        out = layout.stage_dir(stage, root)
+        out.mkdir(parents=True, exist_ok=True)
+        allow_mmengine_checkpoints()
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "checkpoint.pth", map_location="cpu", weights_only=True)
+        weights = out / "model.pth"
+        tmp = weights.with_suffix(".tmp")
+        torch.save({"meta": state.get("meta", {}), "state_dict": state["state_dict"]}, tmp)
+        tmp.replace(weights)
+
+        from mmengine.config import Config as MMConfig
+
+        mm = build_config(cfg, task, inputs.data, "<ray worker temp dir>", None, 1, False)
+        (out / "config.py").write_text(MMConfig(mm).pretty_text)  # a record for readers; never executed
+        samples = draw_samples(task, mm, weights, inputs.data, section.samples, out / "samples")
+
+        mpath = layout.metrics_path(stage, root)
+        mpath.parent.mkdir(parents=True, exist_ok=True)
+        mpath.write_text(json.dumps(metrics, indent=2) + "\n")
+        mlflow.log_metrics(metrics)
+        srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
+            {f"{stage}.{k}": metrics[k] for k in HEADLINE[task]}))
+        mlflow.log_artifact(str(mpath), "metrics")
+        mlflow.log_artifact(str(out / "config.py"), stage)
+        for path in samples:
+            mlflow.log_artifact(str(path), f"{stage}/samples")
+        mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.backbone_init": inputs.init})
+        write_manifest(stage, root, srun, task=task, metrics=metrics, ray_run_name=inputs.run_name,
+                       ray_storage_path=cluster.storage_path(cfg, root), checkpoint="model.pth",
+                       checkpoint_sha256=checkpoint.sha256(weights), backbone_init=inputs.init,
+                       backbone_init_sha256=inputs.init_sha256, samples=[p.name for p in samples])
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS[task])
+        print(f"{stage}: {cfg.model.variant} {shown} (train {metrics['train_seconds']:.0f}s, "
+              f"eval {metrics['eval_seconds']:.0f}s)", file=sys.stderr)
+
+    return run

@@ -1,0 +1,74 @@
+"""Running a train loop on Ray Train the pipeline's way; shared by pretrain and the dense stages.
+
+:func:`fit` starts (or joins) Ray through :func:`cluster.session`, runs a
+`TorchTrainer` whose Ctrl-C stays ours, and turns a failed run into one
+`ray: ...` line naming the worker, the cause and Ray's own log.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from . import cluster
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, scaling):
+    """`loop(loop_config)` on every worker of `scaling`; returns Ray's Result."""
+    from ray.train import TrainingFailedError
+
+    job = trainer_class()(loop, train_loop_config=loop_config, scaling_config=scaling,
+                          run_config=cluster.run_config(cfg, root, run_name), torch_config=cluster.torch_config(cfg))
+    log_file = cluster.run_dir(cfg, root, run_name) / "ray.log"
+    with cluster.session(cfg, root, stage, log_file):
+        log.info("Ray's own log: %s", log_file)
+        try:
+            return job.fit()
+        except TrainingFailedError as err:
+            raise PipelineError(training_failure(err, cfg, log_file)) from None
+
+
+def trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """TorchTrainer whose Ctrl-C stays a KeyboardInterrupt.
+
+        Ray's own SIGINT handler aborts the run and exits 0 or 1; ours lets the
+        stage mark its MLflow runs KILLED and shut its local Ray down
+        (`lifecycle`). On a cluster the run's actors end with the driver.
+        """
+
+        def _register_sigint_handler(self, controller) -> None:
+            return None
+
+    return Trainer
+
+
+def training_failure(err, cfg, log_file: Path) -> str:
+    """One line for a failed Ray Train run: which worker, why, and how to go on.
+
+    Ray reports a dead worker either per rank (WorkerGroupError) or as an
+    actor death under the controller (ControllerError); both name the actor
+    in an indented `class_name: / pid: / ip:` block when a process died.
+    """
+    failures = sorted((getattr(err, "worker_failures", None) or {}).items())
+    rank, cause = failures[0] if failures else (None, getattr(err, "controller_failure", err))
+    text = str(cause)
+    found = dict(re.findall(r"^\s*(class_name|pid|ip): (\S+)", text, re.M))
+    exit_detail = re.search(r"Worker exit detail: ([^.]*)", text)
+    last = text.strip().splitlines()[-1:] or [type(cause).__name__]
+    if rank is not None or found.get("class_name") == "RayTrainWorker":
+        where = f" pid {found['pid']} on {found.get('ip', '?')}" if "pid" in found else ""
+        what = f"training worker{'' if rank is None else f' rank {rank}'}{where} failed"
+    else:
+        what = "the Ray Train run failed"
+    what += f": {exit_detail.group(1) if exit_detail else last[0]}"
+    if len(failures) > 1:
+        what += f" (and {len(failures) - 1} more workers)"
+    return (f"ray: {what}; rerun `dvc repro` to resume from the last checkpoint"
+            + ("" if cfg.ray.max_failures else ", or set ray.max_failures to restart workers by itself")
+            + f" (details: {log_file})")

@@ -1,0 +1,6 @@
+"""DVC stage `finetune_ade20k`: Semantic FPN with the iFormer backbone (MMSegmentation on Ray Train)."""
+from pipeline import stage
+from pipeline.dense import finetune
+
+if __name__ == "__main__":
+    stage.exit_with("finetune_ade20k", finetune.check_stage("finetune_ade20k"), finetune.run_stage("finetune_ade20k"))

@@ -1,0 +1,6 @@
+"""DVC stage `finetune_coco`: Mask R-CNN with the iFormer backbone (MMDetection on Ray Train)."""
+from pipeline import stage
+from pipeline.dense import finetune
+
+if __name__ == "__main__":
+    stage.exit_with("finetune_coco", finetune.check_stage("finetune_coco"), finetune.run_stage("finetune_coco"))

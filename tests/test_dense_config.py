@@ -1,0 +1,170 @@
+"""Dense configs: built in code from params.yaml, paper presets, schema errors, DVC stages."""
+import copy
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline import layout, recipes
+from pipeline.config import Config, parse_config
+from pipeline.dense import configs
+from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
+from pipeline.dense.train import build_config
+from pipeline.errors import PipelineError
+
+DET_DATA = {"root": "/data/coco", "classes": list(DIGIT_CLASSES)}
+SEG_DATA = {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseSegDataset",
+            "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]}
+
+
+def _types(pipeline):
+    return [step["type"] for step in pipeline]
+
+
+def test_detection_config_builds_a_mask_rcnn_with_the_iformer_backbone():
+    from mmdet.registry import MODELS
+    from mmengine.config import Config as MMConfig
+    from mmengine.registry import init_default_scope
+
+    from iformer.dense.backbone import IFormerBackbone
+    from iformer.dense.registry import register
+
+    cfg = Config()
+    mm = MMConfig(build_config(cfg, "detection", DET_DATA, "/tmp/w", "init.pt", 1, False))
+    assert mm.launcher == "none" and mm.default_scope == "mmdet"
+    assert mm.train_dataloader.dataset.ann_file == "annotations/instances_train2017.json"
+    assert mm.val_evaluator.metric == ["bbox", "segm"]
+    assert mm.train_cfg.max_epochs == cfg.detection.train.epochs
+    assert mm.optim_wrapper.optimizer.lr == cfg.detection.train.lr
+    assert mm.model.backbone.pretrained == "init.pt"
+    register()
+    init_default_scope("mmdet")
+    model = MODELS.build(dict(mm.model, backbone=dict(mm.model.backbone, pretrained=None)))
+    assert type(model).__name__ == "MaskRCNN" and isinstance(model.backbone, IFormerBackbone)
+    assert model.roi_head.bbox_head.num_classes == 10 and model.roi_head.mask_head.num_classes == 10
+    assert model.neck.lateral_convs[0].conv.in_channels == 32  # iformer_t's stride-4 map
+
+
+def test_segmentation_config_builds_a_semantic_fpn():
+    from mmengine.config import Config as MMConfig
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    from iformer.dense.registry import register
+
+    cfg = Config()
+    mm = MMConfig(build_config(cfg, "segmentation", SEG_DATA, "/tmp/w", None, 1, False))
+    ds = mm.train_dataloader.dataset
+    assert ds.type == "BaseSegDataset" and ds.reduce_zero_label and ds.metainfo.classes == SEG_CLASSES
+    assert "LoadAnnotations" in _types(ds.pipeline) and mm.train_cfg.max_iters == cfg.segmentation.train.iters
+    assert mm.val_evaluator.type == "IoUMetric"
+    register()
+    init_default_scope("mmseg")
+    model = MODELS.build(mm.model)
+    assert type(model).__name__ == "EncoderDecoder" and model.decode_head.num_classes == len(SEG_CLASSES)
+    ade = MMConfig(build_config(cfg, "segmentation", dict(SEG_DATA, dataset="ADE20KDataset"), "/tmp/w", None, 1,
+                                False))
+    assert ade.train_dataloader.dataset.type == "ADE20KDataset"
+
+
+def test_several_workers_join_rays_process_group():
+    cfg = Config()
+    two = build_config(cfg, "segmentation", SEG_DATA, "/tmp/w", None, 2, False)
+    assert two["launcher"] == "pytorch"  # mmengine joins the group Ray initialised, never starts one
+    assert two["model_wrapper_cfg"]["device_ids"] is None  # CPU DDP
+    assert two["train_dataloader"]["batch_size"] == cfg.segmentation.train.batch_size // 2
+    gpu = build_config(cfg, "segmentation", SEG_DATA, "/tmp/w", None, 2, True)
+    assert "device_ids" not in gpu["model_wrapper_cfg"]
+
+
+def _params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_paper_presets_rewrite_only_their_section():
+    keep = _params()
+    keep["model"]["variant"] = "iformer_m"
+    det = recipes.build("mask_rcnn_1x", keep=keep, overrides={"detection.data.root": "/data/coco"})
+    assert det.model.variant == "iformer_m" and det.segmentation == Config().segmentation
+    mm = configs.detection(det, DET_DATA, "/tmp/w", None, det.detection.ray.num_workers)
+    opt = mm["optim_wrapper"]["optimizer"]
+    assert (opt["type"], opt["lr"], opt["weight_decay"]) == ("AdamW", 2e-4, 0.05)
+    warmup, steps = mm["param_scheduler"]
+    assert warmup["type"] == "LinearLR" and warmup["end"] == 500 and not warmup["by_epoch"]
+    assert steps["milestones"] == [8, 11] and mm["train_cfg"]["max_epochs"] == 12
+    resize = mm["train_dataloader"]["dataset"]["pipeline"][2]
+    assert resize == {"type": "Resize", "scale": (1333, 800), "keep_ratio": True}
+    assert mm["model"]["neck"]["out_channels"] == 256
+    assert mm["train_dataloader"]["batch_size"] * det.detection.ray.num_workers == 16
+
+    seg = recipes.build("semantic_fpn_40k", keep=keep, overrides={"segmentation.data.root": "/data/ade"})
+    mm = configs.segmentation(seg, dict(SEG_DATA, dataset="ADE20KDataset"), "/tmp/w", None,
+                              seg.segmentation.ray.num_workers)
+    opt = mm["optim_wrapper"]["optimizer"]
+    assert (opt["type"], opt["lr"], opt["weight_decay"]) == ("AdamW", 2e-4, 1e-4)
+    (poly,) = mm["param_scheduler"]
+    assert poly["type"] == "PolyLR" and poly["power"] == 0.9 and poly["end"] == 40000
+    steps = {s["type"]: s for s in mm["train_dataloader"]["dataset"]["pipeline"]}
+    assert steps["RandomCrop"]["crop_size"] == (512, 512)
+    assert steps["RandomResize"]["scale"] == (2048, 512) and steps["RandomResize"]["ratio_range"] == (0.5, 2.0)
+    assert mm["model"]["decode_head"]["channels"] == 128 and mm["model"]["neck"]["out_channels"] == 256
+    assert mm["train_dataloader"]["batch_size"] * seg.segmentation.ray.num_workers == 32
+
+
+def test_preset_without_data_root_is_refused():
+    with pytest.raises(PipelineError, match="detection.data.root is required"):
+        recipes.build("mask_rcnn_1x", keep=_params())
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    ("detection.train.milestones", [2, 9], "detection.train.milestones [2, 9] must increase within"),
+    ("detection.train.batch_size", 0, "detection.train.batch_size = 0"),
+    ("detection.data.digit_size", [40, 20], "detection.data.digit_size = [40, 20]"),
+    ("detection.data.source", "coco", "detection.data.root is required"),
+    ("segmentation.data.source", "cityscapes", "segmentation.data.source = 'cityscapes'"),
+    ("segmentation.train.ratio_range", [2.0, 0.5], "segmentation.train.ratio_range"),
+    ("segmentation.backbone.window_chunks", 0, "segmentation.backbone.window_chunks = 0"),
+    ("segmentation.model.heads", 3, "segmentation.model.heads = 3: unknown key"),
+])
+def test_bad_dense_values_name_their_field(path, value, needle):
+    data = _params()
+    node = data
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(PipelineError) as err:
+        parse_config(data)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batch_must_divide_over_dense_workers():
+    data = _params()
+    data["segmentation"]["ray"]["num_workers"] = 3
+    with pytest.raises(PipelineError, match=r"segmentation.train.batch_size \(16\) must be divisible by "
+                                            r"segmentation.ray.num_workers \(3\)"):
+        parse_config(data)
+
+
+def test_dvc_stages_follow_layout():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(dvc) == set(layout.STAGES)
+    order = [s for s in layout.STAGES if s in ("evaluate", "prepare_dense", "finetune_coco", "finetune_ade20k",
+                                              "report")]
+    assert order == ["evaluate", "prepare_dense", "finetune_coco", "finetune_ade20k", "report"]
+    for stage in ("prepare_dense", "finetune_coco", "finetune_ade20k"):
+        assert dvc[stage]["cmd"] == f"python -m stages.{stage}"
+        assert dvc[stage]["outs"] == [f"artifacts/{stage}"]
+        assert f"stages/{stage}.py" in dvc[stage]["deps"]
+    for stage, task in (("finetune_coco", "detection"), ("finetune_ade20k", "segmentation")):
+        assert dvc[stage]["metrics"] == [{f"metrics/{stage}.json": {"cache": False}}]
+        assert "artifacts/prepare_dense" in dvc[stage]["deps"]
+        assert {"artifacts/pretrain", "weights"} <= set(dvc[stage]["deps"])  # where backbone.checkpoint may live
+        assert f"metrics/{stage}.json" in dvc["report"]["deps"]
+    assert Config().detection.backbone.checkpoint.as_posix() == "artifacts/pretrain/model.pt"
+
+
+def test_params_keep_dense_sections_spelled_out():
+    written = _params()
+    assert parse_config(copy.deepcopy(written)).detection == Config().detection
+    assert set(written["detection"]) == {"data", "backbone", "model", "train", "ray", "samples"}
