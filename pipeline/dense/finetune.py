@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from iformer.dense.backbone import BackboneWeightsError, IFormerBackbone, load_backbone_weights, read_checkpoint
 
-from .. import checkpoint, cluster, layout, lifecycle, trainer
+from .. import checkpoint, cluster, console, layout, lifecycle, trainer
 from ..config import Config
 from ..errors import PipelineError
 from ..tracking import StageRun, metric_batch, write_manifest
@@ -105,7 +104,7 @@ def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
 
     section = getattr(cfg, inputs.task)
     result = trainer.fit(cfg, root, inputs.stage, inputs.run_name, train_loop_per_worker, {
-        "cfg": cfg.to_dict(), "task": inputs.task, "data": inputs.data, "init": inputs.init,
+        "cfg": cfg.to_dict(), "stage": inputs.stage, "task": inputs.task, "data": inputs.data, "init": inputs.init,
         "tracking_uri": srun.tracking_uri if srun else None, "run_id": srun.run_id if srun else None,
     }, cluster.scaling_config(cfg, section.ray))
     if result.checkpoint is None or not result.metrics:
@@ -168,9 +167,11 @@ def run_stage(stage: str):
 
         from mmengine.config import Config as MMConfig
 
-        mm = build_config(cfg, task, inputs.data, "<ray worker temp dir>", None, 1, False)
-        (out / "config.py").write_text(MMConfig(mm).pretty_text)  # a record for readers; never executed
-        samples = draw_samples(task, mm, weights, inputs.data, section.samples, out / "samples")
+        # OpenMMLab's prints and deprecation warnings go to the run's log, not the console.
+        with console.to_log(cluster.run_dir(cfg, root, inputs.run_name) / "ray.log"):
+            mm = build_config(cfg, task, inputs.data, "<ray worker temp dir>", None, 1, False)
+            (out / "config.py").write_text(MMConfig(mm).pretty_text)  # a record for readers; never executed
+            samples = draw_samples(task, mm, weights, inputs.data, section.samples, out / "samples")
 
         mpath = layout.metrics_path(stage, root)
         mpath.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,7 @@ def run_stage(stage: str):
                        checkpoint_sha256=checkpoint.sha256(weights), backbone_init=inputs.init,
                        backbone_init_sha256=inputs.init_sha256, samples=[p.name for p in samples])
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS[task])
-        print(f"{stage}: {cfg.model.variant} {shown} (train {metrics['train_seconds']:.0f}s, "
-              f"eval {metrics['eval_seconds']:.0f}s)", file=sys.stderr)
+        console.say(stage, f"{cfg.model.variant} {shown} (train {metrics['train_seconds']:.0f}s, "
+                    f"eval {metrics['eval_seconds']:.0f}s)")
 
     return run

@@ -6,7 +6,8 @@ state (`checkpoint.pth`, mmengine's format) into a temporary directory and
 every rank calls `ray.train.report`, so Ray Train keeps the checkpoints and an
 interrupted run resumes from the newest. `MlflowLossHook` logs the training
 losses and learning rate every `interval` iterations from rank 0 into the
-stage's own MLflow child run (its id is passed in), not into a new run.
+stage's own MLflow child run (its id is passed in), not into a new run, and
+shows a progress line on the console about every tenth of the run.
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ class RayCheckpointHook(Hook):
 class MlflowLossHook(Hook):
     priority = "BELOW_NORMAL"
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, interval: int):
+    def __init__(self, tracking_uri: str | None, run_id: str | None, interval: int, stage: str):
         self.interval = interval
+        self.stage = stage
         self.run_id = run_id
         self.client = None
         if tracking_uri and run_id:
@@ -65,15 +67,22 @@ class MlflowLossHook(Hook):
             self.client = MlflowClient(tracking_uri)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if self.client is None or runner.rank != 0:
+        if runner.rank != 0:
             return
-        step = runner.iter + 1
-        if step % self.interval and step != runner.max_iters:
+        step, total = runner.iter + 1, runner.max_iters
+        shown = step % max(1, total // 10) == 0 or step == total
+        if (step % self.interval and step != total and not shown) or (self.client is None and not shown):
+            return
+        values = {f"train/{k}": _scalar(v) for k, v in (outputs or {}).items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        if shown:
+            from ..console import say
+
+            say(self.stage, f"iter {step}/{total}: loss {values.get('train/loss', float('nan')):.4f}")
+        if self.client is None or (step % self.interval and step != total):
             return
         from ..tracking import metric_batch
 
-        values = {f"train/{k}": _scalar(v) for k, v in (outputs or {}).items()}
-        values = {k: v for k, v in values.items() if v is not None}
         lrs = runner.optim_wrapper.get_lr().get("lr")
         if lrs:
             values["train/lr"] = float(lrs[0])

@@ -14,7 +14,6 @@ after it only re-evaluates).
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..console import say
 from . import configs
 from .hooks import CHECKPOINT_FILE, MlflowLossHook, RayCheckpointHook
 from .mmengine_checkpoints import allow_mmengine_checkpoints
@@ -75,11 +75,11 @@ def train_loop_per_worker(config: dict) -> None:
     by_epoch = task == "detection"
     interval = section.train.checkpoint_interval
     runner.register_hook(RayCheckpointHook(interval, by_epoch))
-    runner.register_hook(MlflowLossHook(config.get("tracking_uri"), config.get("run_id"), section.train.log_interval))
+    runner.register_hook(MlflowLossHook(config.get("tracking_uri"), config.get("run_id"), section.train.log_interval,
+                                        config["stage"]))
     if rank == 0:
         total = f"{section.train.epochs} epochs" if by_epoch else f"{section.train.iters} iterations"
-        print(f"{task}: rank 0/{world}, {torch.get_num_threads()} threads, {total} from {origin}",
-              file=sys.stderr, flush=True)
+        say(config["stage"], f"{task}: rank 0/{world}, {torch.get_num_threads()} threads, {total} from {origin}")
     start = time.perf_counter()
     runner.train()
     train_seconds = time.perf_counter() - start
