@@ -65,7 +65,7 @@ def test_mask_rcnn_trains_and_evaluates_coco_metrics(repo):
     for key in ("bbox_ap", "bbox_ap50", "bbox_ap75", "segm_ap", "segm_ap50", "segm_ap75"):
         assert -1.0 <= metrics[key] <= 1.0, metrics
     assert metrics["train_seconds"] > 0
-    assert "finetune_coco: iformer_t bbox_ap" in out.stderr
+    assert "[finetune_coco] iformer_t bbox_ap" in out.stderr
     manifest = _check_tracking(repo, "finetune_coco", "bbox_ap")
     assert manifest["checkpoint_sha256"] == checkpoint.sha256(repo.path / "artifacts/finetune_coco/model.pth")
     assert "MaskRCNN" in (repo.path / "artifacts/finetune_coco/config.py").read_text()
