@@ -18,7 +18,9 @@ Ray that belongs to this process alone:
 - its training workers run at normal CPU priority (Ray's default starts workers
   at niceness 15, below its own daemons) and its daemons and helper actors at
   a lower one, so on a small machine they do not steal the training threads'
-  cores.
+  cores;
+- torch's rendezvous store for the training workers on loopback too
+  (`rendezvous`), where Ray's torch backend would bind it to every interface.
 
 Ray's own console chatter goes to a log file (`console.attach`); only our lines
 reach the terminal.
@@ -266,11 +268,16 @@ def scaling_config(cfg, section=None):
 
 
 def torch_config(cfg):
+    """gloo on CPU, NCCL on GPU; on the local Ray, the rendezvous store stays on loopback."""
     from ray.train.torch import TorchConfig
 
     backend = cfg.ray.backend
     if backend == "auto":
         backend = "nccl" if cfg.ray.use_gpu else "gloo"
+    if address(cfg) is None:
+        from .rendezvous import LoopbackTorchConfig
+
+        return LoopbackTorchConfig(backend=backend)
     return TorchConfig(backend=backend)
 
 

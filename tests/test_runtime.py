@@ -73,6 +73,30 @@ def test_local_ray_listens_on_loopback_only_and_refuses_callers_without_the_toke
     assert not after["token_left"], "the run's temp dir (with its token) is removed after shutdown"
 
 
+def test_training_with_two_workers_listens_on_loopback_only(tmp_path):
+    # Two ranks meet at torch's rendezvous store, which Ray's torch backend would bind to `::`.
+    repo = make_repo(tmp_path / "repo", {**FAST, "ray": {"num_workers": 2, "cpus_per_worker": 1.0}})
+    with training(repo) as stage:
+        _wait_for(lambda: any("epoch-0001" in p.read_text() for p in
+                              (repo.path / "ray_results").glob("pretrain-*/checkpoint_manager_snapshot.json")),
+                  600, "the first epoch's checkpoint")
+        listeners = []
+        for p in [psutil.Process(stage.pid), *_descendants(stage.pid)]:
+            try:
+                listeners += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("inet")
+                              if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                pass
+        _, err = stage.communicate(timeout=600)
+    assert stage.returncode == 0, err[-3000:]
+    assert "rank 0/2" in err, err[-3000:]
+    assert any(name.startswith("ray::RayTrainWo") for name, _, _ in listeners), listeners
+    exposed = [entry for entry in listeners if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert exposed == [], exposed
+    history = (repo.path / "artifacts/pretrain/history.csv").read_text().splitlines()
+    assert len(history) == 1 + FAST["train"]["epochs"]
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
