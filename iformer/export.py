@@ -6,8 +6,8 @@
   which Core ML (iOS 16/17) lowers with a transpose and an expand_dims per
   query, key and value: iformer_m at 224 becomes 961 MIL operations instead of
   the 877 of the explicit form (the official export holds 875).
-- `dense_backbone(variant, state_dict)`: the backbone the dense tasks use, four
-  feature maps at strides 4-32. The single place to swap in another backbone.
+- `dense_backbone(variant, state_dict, window_size, window_chunks)`: the hybrid
+  window-attention backbone the dense tasks use, four feature maps at strides 4-32.
 - `with_io(model, ...)`: the normalisation (for image inputs) and the softmax
   (for Core ML classifiers) baked into the graph.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from typing import Optional, Sequence
 
-import timm
 import torch
 from torch import nn
 
@@ -39,20 +38,17 @@ def deploy_form(model: nn.Module) -> nn.Module:
     return explicit_attention(fused)
 
 
-def dense_backbone(variant: str, state_dict: dict) -> nn.Module:
+def dense_backbone(variant: str, state_dict: dict, window_size: int = 16, window_chunks: int = 16) -> nn.Module:
     """The dense-prediction backbone of `variant` with a classifier's weights, in deploy form.
 
-    Today timm's plain `features_only` network (the classifier's stem and stages
-    returning four feature maps). The windowed hybrid backbone of the dense-task
-    work replaces this body; callers only rely on the four NCHW outputs.
+    The hybrid backbone the dense tasks fine-tune (`iformer.dense`: window SHMA
+    in stage 3, partition/reverse on channel chunks; paper App. F), fused.
     """
-    backbone = timm.create_model(variant, pretrained=False, features_only=True, feature_cls="getter",
-                                 out_indices=(0, 1, 2, 3))
-    body = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    backbone.model.load_state_dict(body, strict=True)
-    backbone.eval()
-    backbone.model.fuse()
-    return explicit_attention(backbone)
+    from .dense.backbone import IFormerBackbone, load_backbone_weights
+
+    backbone = IFormerBackbone(variant, window_size=window_size, window_chunks=window_chunks)
+    load_backbone_weights(backbone, {"state_dict": state_dict}, f"{variant} weights")
+    return explicit_attention(backbone.eval().fuse())
 
 
 class _WithIO(nn.Module):

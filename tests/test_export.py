@@ -9,7 +9,9 @@ import pytest
 from conftest import TINY, exported_repo, make_repo, write_weights
 from pipeline.deploy import census, compute_plan
 
-SMALL = {"export": {"classifier_sizes": [64], "backbone_size": 64}}
+# A window of 2 on the 4x4 stage-3 map at 64 px: the backbone exports its windowed attention path.
+SMALL = {"export": {"classifier_sizes": [64], "backbone_size": 64},
+         "detection": {"backbone": {"window_size": 2, "window_chunks": 2}}}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def test_export_writes_checked_coreml_and_onnx(exported, tmp_path):
         ("stage0", [1, 32, 16, 16]), ("stage1", [1, 64, 8, 8]), ("stage2", [1, 128, 4, 4]), ("stage3", [1, 256, 2, 2])]
     assert all(f["dtype"] == "float32" for f in feats)
     assert len(manifest["models"]["backbone_64"]["onnx_max_abs_diff"]) == 4
+    assert (manifest["models"]["backbone_64"]["window_size"], manifest["models"]["backbone_64"]["window_chunks"]) == (2, 2)
 
     # The census is what the saved package holds: recount it from the spec.
     package = _unzip(exported, "classifier_64", tmp_path)

@@ -70,14 +70,14 @@ class DetectionModelConfig(Section):
 
 
 class DetectionTrainConfig(Section):
-    epochs: int = Field(3, gt=0)
+    epochs: int = Field(5, gt=0)  # 3 gave box AP 0.25, 5 gave 0.63 on the digit scenes
     batch_size: int = Field(4, gt=0)            # global; split over detection.ray.num_workers
     image_scale: IntPair = (128, 128)   # Resize keep-ratio bound (paper: 1333x800)
     flip: float = Field(0.0, ge=0.0, le=1.0)    # digits are not mirror-symmetric (paper: 0.5)
     lr: float = Field(1e-3, gt=0.0)             # AdamW
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_iters: int = Field(50, ge=0)         # linear from 0.001 x lr
-    milestones: list[int] = [2]                 # epochs where lr drops 10x (paper: [8, 11])
+    milestones: list[int] = [4]                 # epochs where lr drops 10x (paper: [8, 11])
     checkpoint_interval: int = Field(1, gt=0)   # epochs
     log_interval: int = Field(5, gt=0)          # iterations between logged losses
     seed: int = 0

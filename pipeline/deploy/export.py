@@ -80,12 +80,17 @@ def check(cfg: Config, root: Path) -> Inputs:
     return Inputs(weights, path, prepared.classes, targets(cfg, int(weights["image_size"])))
 
 
-def deploy_module(target: Target, weights: dict) -> torch.nn.Module:
+def window(cfg: Config) -> dict:
+    """The backbone's window attention: as the detector fine-tunes and deploys it."""
+    return {"window_size": cfg.detection.backbone.window_size, "window_chunks": cfg.detection.backbone.window_chunks}
+
+
+def deploy_module(target: Target, weights: dict, cfg: Config) -> torch.nn.Module:
     """The torch network a target exports, in deploy form (fused, explicit attention)."""
     from iformer.export import deploy_form, dense_backbone
 
     if target.kind == "backbone":
-        return dense_backbone(weights["variant"], weights["state_dict"])
+        return dense_backbone(weights["variant"], weights["state_dict"], **window(cfg))
     return deploy_form(checkpoint.build_from_weights(weights))
 
 
@@ -103,7 +108,7 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
 
     ecfg = cfg.export
     start = time.perf_counter()
-    module = deploy_module(target, inputs.weights)
+    module = deploy_module(target, inputs.weights, cfg)
     example = torch.randn(1, 3, target.size, target.size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = module(example)
@@ -145,7 +150,7 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
         "coreml": zipped.name, "onnx": f"{target.name}.onnx",
         "coreml_interface": interface, "coreml_predict_check": predict,
         "onnx_export": onnx_info, "onnx_max_abs_diff": onnx_diff,
-        "census": ops, "compute_plan": plan,
+        "census": ops, "compute_plan": plan, **(window(cfg) if target.kind == "backbone" else {}),
     }
 
 

@@ -73,9 +73,12 @@ def check(cfg: Config, root: Path) -> Inputs:
 
 
 def _torch_module(entry: dict, weights: dict):
-    from .export import Target, deploy_module
+    """The exported network rebuilt in torch, with the window attention it was exported with."""
+    from iformer.export import deploy_form, dense_backbone
 
-    return deploy_module(Target(entry["kind"], entry["size"]), weights)
+    if entry["kind"] == "backbone":
+        return dense_backbone(weights["variant"], weights["state_dict"], entry["window_size"], entry["window_chunks"])
+    return deploy_form(checkpoint.build_from_weights(weights))
 
 
 def measure_backend(backend: str, cfg: Config, inputs: Inputs, workdir: Path) -> dict:
