@@ -112,6 +112,7 @@ def write_history(history: list[dict], path: Path) -> None:
 def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     import mlflow
 
+    started = time.perf_counter()
     state = fit(cfg, root, inputs, srun)
     out = layout.stage_dir("pretrain", root)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,10 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     history = state["history"]
     write_history(history, out / "history.csv")
     final = history[-1]
-    summary = {k: final[k] for k in ("train_loss", "val_loss", "val_top1", "val_top5", "img_per_sec") if k in final}
+    # Training's own figures; accuracy is the evaluate stage's (`top1`/`top5` there), so the
+    # last epoch's validation numbers stay in history.csv and are not a second `top1` column.
+    summary = {"epochs": state["epoch"], "train_loss": final["train_loss"], "img_per_sec": final.get("img_per_sec", 0.0),
+               "train_s": round(time.perf_counter() - started, 1)}
     metrics = layout.metrics_path("pretrain", root)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(summary, indent=2) + "\n")
@@ -151,7 +155,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         epochs=state["epoch"],
         final=summary,
     )
-    log.info("%s val_top1 %.4f after %d epochs -> %s", cfg.model.variant, summary.get("val_top1", float("nan")),
+    log.info("%s last-epoch val_top1 %.4f after %d epochs -> %s", cfg.model.variant, final.get("val_top1", float("nan")),
              state["epoch"], out / "model.pt")
 
 

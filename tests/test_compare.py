@@ -1,0 +1,37 @@
+"""Comparing experiments: the compact `dvc exp show` view and offline `dvc plots`."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import yaml
+from conftest import make_repo
+
+
+def _write(repo, rel, body):
+    path = repo.path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body))
+
+
+def test_compact_exp_show_keeps_what_differs_and_headlines(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    _write(repo, "metrics/evaluate.json", {"top1": 0.9, "top5": 1.0, "num_images": 10, "fuse_max_abs_diff": 1e-6})
+    _write(repo, "metrics/latency.json", {"onnxruntime": {"classifier_224": {"median": 1.5, "p90": 2.0, "std": 0.1}}})
+    repo.git("add", "-A")
+    repo.git("commit", "-qm", "baseline metrics")
+    repo.set_params({"optim": {"base_lr": 0.004}})
+    _write(repo, "metrics/evaluate.json", {"top1": 0.8, "top5": 1.0, "num_images": 10, "fuse_max_abs_diff": 2e-6})
+
+    out = repo.run(sys.executable, "-m", "pipeline.exps", "--csv").stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    cols = set(rows[0])
+    assert {"top1", "top5", "optim.base_lr", "onnxruntime.classifier_224.median"} <= cols, cols
+    deps = {d for s in yaml.safe_load((repo.path / "dvc.yaml").read_text())["stages"].values() for d in s["deps"]}
+    assert not cols & deps, "dependency hashes are dropped"
+    assert not {"num_images", "fuse_max_abs_diff", "onnxruntime.classifier_224.p90", "optim.name"} & cols
+    by_rev = {r["rev"]: r for r in rows}
+    assert by_rev["workspace"]["optim.base_lr"] == "0.004" and by_rev["workspace"]["top1"] == "0.8"
+    assert len(cols) < 12, cols
