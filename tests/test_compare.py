@@ -35,3 +35,18 @@ def test_compact_exp_show_keeps_what_differs_and_headlines(tmp_path):
     by_rev = {r["rev"]: r for r in rows}
     assert by_rev["workspace"]["optim.base_lr"] == "0.004" and by_rev["workspace"]["top1"] == "0.8"
     assert len(cols) < 12, cols
+
+
+def test_dvc_plots_render_offline(tmp_path):
+    """`dvc plots show` writes a page whose scripts are all inline (no CDN)."""
+    import re
+
+    repo = make_repo(tmp_path / "repo")
+    hist = repo.path / "artifacts/pretrain/history.csv"
+    hist.parent.mkdir(parents=True)
+    hist.write_text("epoch,train_loss,val_loss,val_top1,val_top5\n1,2.0,1.9,0.5,0.9\n2,1.0,0.9,0.8,1.0\n")
+    repo.run("dvc", "plots", "show")
+    page = (repo.path / "dvc_plots/index.html").read_text()
+    assert not re.search(r"<script[^>]+src\s*=\s*[\"']?https?:", page, re.I)
+    assert "vegaEmbed(" in page and "vega-lite 5." in page and page.count("<script") >= 5
+    assert "dvc_plots" in (repo.path / ".gitignore").read_text()
