@@ -134,7 +134,7 @@ def browser():
         pytest.fail("chromium / chromedriver missing: scripts/setup.sh installs Debian's chromium and chromium-driver")
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=3600,1000",
                 "--disable-gpu"):
         opts.add_argument(arg)
     b = webdriver.Chrome(options=opts, service=Service(driver))
@@ -154,21 +154,26 @@ def _wait_text(browser, needles, timeout=60):
 
 
 def test_mlflow_ui_lists_parent_runs_and_compares_them(two_runs, server, browser, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
     a, b = _parents(two_runs)
     exp = a.info.experiment_id
     # The classic training view of MLflow 3.x: the experiment's runs page, not the GenAI home.
     browser.get(f"{server}/#/experiments/{exp}/runs")
-    _wait_text(browser, [a.info.run_name, b.info.run_name])
+    _wait_text(browser, [a.info.run_name, b.info.run_name, "Training runs"])
     browser.save_screenshot(str(tmp_path / "runs.png"))
-    # The runs table's metric columns: a headline metric of the parents, by name.
-    browser.get(f"{server}/#/experiments/{exp}/runs?viewStateShareKey=&compareRunsMode=TABLE")
-    _wait_text(browser, [a.info.run_name])
-    browser.save_screenshot(str(tmp_path / "runs-table.png"))
+    # A headline metric as a column of the runs table (Columns -> top1): the parents' values.
+    browser.find_element("xpath", "//button[contains(., 'Columns')]").click()
+    _wait_text(browser, ["top1"])
+    browser.find_elements("xpath", "//*[normalize-space(text())='top1']")[-1].click()
+    browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+    _wait_text(browser, [f"{a.data.metrics['top1']:.4f}"[:6], f"{b.data.metrics['top1']:.4f}"[:6]])
+    browser.save_screenshot(str(tmp_path / "runs-top1.png"))
 
     ids = json.dumps([a.info.run_id, b.info.run_id])
     browser.get(f"{server}/#/compare-runs?runs={ids}&experiments={json.dumps([exp])}")
     text = _wait_text(browser, ["top1", "params_m", a.info.run_name, b.info.run_name])
-    assert "latency_ms.onnxruntime.classifier_32" in text and "wall_s" in text
+    assert "latency_ms.onnxruntime.classifier_32" in text and "optim.base_lr" in text
     browser.save_screenshot(str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
