@@ -28,7 +28,9 @@ def register(client, cfg, source: str, run_id: str, tags: dict) -> str:
     except MlflowException:
         client.create_registered_model(name, description=f"iFormer {cfg.model.variant} trained by the pipeline's "
                                                          "pretrain stage; export files are tagged on each version.")
-    version = client.create_model_version(name, source=source, run_id=run_id,
+    # A logged MLflow model (`models:/m-...`) is linked as such, so the UI shows the version on it.
+    model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
+    version = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
                                           tags={k: str(v)[:5000] for k, v in tags.items()})
     log.info("registered %s version %s", name, version.version)
     return version.version
