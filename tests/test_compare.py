@@ -50,3 +50,26 @@ def test_dvc_plots_render_offline(tmp_path):
     assert not re.search(r"<script[^>]+src\s*=\s*[\"']?https?:", page, re.I)
     assert "vegaEmbed(" in page and "vega-lite 5." in page and page.count("<script") >= 5
     assert "dvc_plots" in (repo.path / ".gitignore").read_text()
+
+
+def test_pareto_front_keeps_only_undominated_runs():
+    from pipeline.report.figures import pareto_front
+
+    pts = [(1.0, 70.0), (0.8, 60.0), (1.2, 69.0), (2.0, 75.0), (0.8, 65.0)]
+    assert sorted(pareto_front(pts)) == [0, 3, 4]
+
+
+def test_report_page_is_self_contained(tmp_path):
+    import base64
+
+    from pipeline.report import page
+    from pipeline.report.figures import plot_curves
+
+    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "val_top1": 0.3 * e, "val_top5": 0.5,
+                "lr": 1e-3 / e} for e in (1, 2, 3)]
+    plot_curves(history, tmp_path / "curves.png")
+    html = page.render("# T\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![c](curves.png)\n", tmp_path, "T")
+    assert "<table>" in html and "<td>1</td>" in html
+    data = html.split('src="data:image/png;base64,')[1].split('"')[0]
+    assert base64.b64decode(data) == (tmp_path / "curves.png").read_bytes()
+    assert "http" not in html.lower().replace("http-equiv", "")

@@ -14,6 +14,10 @@ def _f(v, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def identity(experiment: str, commit: str, parent_run_id: str, changed: dict) -> list[str]:
     lines = ["", "## This run", "", f"- MLflow experiment `{experiment}`, parent run `{parent_run_id}`",
              f"- git commit `{commit}`"]
@@ -40,20 +44,19 @@ def head_note(variant: str, params_m: float | None, num_classes: int) -> str | N
 def classification_table(rows: list[dict], current: str) -> list[str]:
     """Table 3 style: every run beside the paper's iFormer rows."""
     bk = backends(rows)
-    head = "| run | experiment | params changed | Params (M) | GMACs @224 | " + \
-        " | ".join(f"latency {b} (ms)" for b in bk) + " | Top-1 (%) | Top-5 (%) |"
-    lines = ["", "## All runs: classification (Table 3 style)", "", head, "|" + "---|" * (7 + len(bk))]
+    cells = ["run", "experiment", "params changed", "Params (M)", "GMACs @224",
+             *(f"latency {b} (ms)" for b in bk), "Top-1 (%)", "Top-5 (%)"]
+    lines = ["", "## All runs: classification (Table 3 style)", "", _row(cells), "|" + "---|" * len(cells)]
     for r in rows:
         mark = " (this run)" if r["run_id"] == current else ""
-        lats = " | ".join(_f(classifier_latency(r, b)) for b in bk)
-        lines.append(f"| {r['name']}{mark} | {r['experiment']} | {r['params_changed'] or '–'} | {_f(r['params_m'])} | "
-                     f"{_f(r['gmacs_224'])} | {lats}{' | ' if bk else ''}{_f(r['top1'])} | {_f(r['top5'])} |")
+        lines.append(_row([f"{r['name']}{mark}", r["experiment"], r["params_changed"] or "–", _f(r["params_m"]),
+                           _f(r["gmacs_224"]), *(_f(classifier_latency(r, b)) for b in bk), _f(r["top1"]),
+                           _f(r["top5"])]))
     for variant in sorted({r["variant"] for r in rows if r["variant"]}):
         ref = reference_for(variant)
         if ref:
-            lats = " | ".join("–" for _ in bk)
-            lines.append(f"| paper {variant} (ImageNet-1K; latency iPhone 13 {_f(ref.latency_ms)} ms) | – | – | "
-                         f"{_f(ref.params_m)} | {_f(ref.gmacs)} | {lats}{' | ' if bk else ''}{_f(ref.top1)} | – |")
+            lines.append(_row([f"paper {variant} (ImageNet-1K; latency iPhone 13 {_f(ref.latency_ms)} ms)", "–", "–",
+                               _f(ref.params_m), _f(ref.gmacs), *("–" for _ in bk), _f(ref.top1), "–"]))
     return lines
 
 
@@ -63,18 +66,17 @@ def dense_table(rows: list[dict]) -> list[str]:
     if not dense:
         return []
     bk = backends(rows)
-    lines = ["", "## All runs: dense prediction (Table 5 style)", "",
-             "| run | AP box (%) | AP mask (%) | mIoU (%) | " + " | ".join(f"backbone latency {b} (ms)" for b in bk)
-             + (" |" if bk else "|"), "|" + "---|" * (4 + len(bk))]
+    cells = ["run", "AP box (%)", "AP mask (%)", "mIoU (%)", *(f"backbone latency {b} (ms)" for b in bk)]
+    lines = ["", "## All runs: dense prediction (Table 5 style)", "", _row(cells), "|" + "---|" * len(cells)]
     for r in dense:
-        lats = " | ".join(_f(backbone_latency(r, b)) for b in bk)
-        lines.append(f"| {r['name']} | {_f(r['ap_box'])} | {_f(r['ap_mask'])} | {_f(r['miou'])} | {lats}"
-                     + (" |" if bk else "|"))
+        lines.append(_row([r["name"], _f(r["ap_box"]), _f(r["ap_mask"]), _f(r["miou"]),
+                           *(_f(backbone_latency(r, b)) for b in bk)]))
     for variant in sorted({r["variant"] for r in dense}):
         ref = reference_for(variant)
         if ref and ref.ap_box is not None:
-            lines.append(f"| paper {variant} (COCO 1x / ADE20K; backbone @512 on iPhone 13 {_f(ref.dense_latency_ms)} "
-                         f"ms) | {_f(ref.ap_box)} | {_f(ref.ap_mask)} | {_f(ref.miou)} |" + " – |" * len(bk))
+            lines.append(_row([f"paper {variant} (COCO 1x / ADE20K; backbone @512 on iPhone 13 "
+                               f"{_f(ref.dense_latency_ms)} ms)", _f(ref.ap_box), _f(ref.ap_mask), _f(ref.miou),
+                               *("–" for _ in bk)]))
     return lines
 
 
