@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup pipeline test test-fast bench mlflow-ui
+.PHONY: setup pipeline test test-fast bench mlflow-ui exps
 
 setup:
 	@bash scripts/setup.sh
@@ -27,3 +27,6 @@ bench: setup
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+exps: setup
+	python -m pipeline.exps

@@ -294,3 +294,29 @@ def run_config(cfg, root: Path, name: str):
         # session log files; warnings still reach our log file.
         logging_config=LoggingConfig(log_level="WARNING"),
     )
+
+
+def prune_run(cfg, root: Path, name: str) -> int:
+    """After a successful stage: drop the Ray run's checkpoints and state, keep its logs.
+
+    The stage's result is in `artifacts/<stage>` (and DVC's cache); checkpoints are
+    only for resuming an *interrupted* run, so a finished run keeps its `*.log` files
+    and lock and nothing else (a forced rerun trains afresh). Remote storage is left
+    to its own retention. Returns the bytes freed.
+    """
+    import shutil
+
+    if "://" in storage_path(cfg, root):
+        return 0
+    run = run_dir(cfg, root, name)
+    freed = 0
+    for entry in run.iterdir() if run.is_dir() else ():
+        if entry.name == ".lock" or entry.suffix == ".log":
+            continue
+        files = entry.rglob("*") if entry.is_dir() else [entry]
+        freed += sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return freed

@@ -133,9 +133,10 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     mpath.parent.mkdir(parents=True, exist_ok=True)
     mpath.write_text(json.dumps(metrics, indent=2) + "\n")
 
-    mlflow.log_metrics({f"val_{k}" if k in ("top1", "top5", "loss") else k: v for k, v in metrics.items()})
-    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch({"val_top1": metrics["top1"],
-                                                                        "val_top5": metrics["top5"]}))
+    # One name per quantity: `top1` here, in metrics/evaluate.json and on the parent run.
+    mlflow.log_metrics(metrics)
+    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
+        {k: metrics[k] for k in ("top1", "top5", "params_m", "gmacs_224")}))
     mlflow.log_artifacts(str(out), "evaluate")
     mlflow.log_artifact(str(mpath), "metrics")
     write_manifest("evaluate", root, srun, metrics=metrics, weights_sha256=checkpoint.sha256(inputs.weights_path))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, cluster, layout, lifecycle, trainer
+from . import checkpoint, cluster, layout, lifecycle, registry, tracking, trainer
 from .config import Config
 from .data import Prepared
 from .errors import PipelineError
-from .tracking import StageRun, write_manifest
+from .tracking import StageRun, metric_batch, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def write_history(history: list[dict], path: Path) -> None:
 def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     import mlflow
 
+    started = time.perf_counter()
     state = fit(cfg, root, inputs, srun)
     out = layout.stage_dir("pretrain", root)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,35 +128,50 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     history = state["history"]
     write_history(history, out / "history.csv")
     final = history[-1]
-    summary = {k: final[k] for k in ("train_loss", "val_loss", "val_top1", "val_top5", "img_per_sec") if k in final}
+    # Training's own figures; accuracy is the evaluate stage's (`top1`/`top5` there), so the
+    # last epoch's validation numbers stay in history.csv and are not a second `top1` column.
+    summary = {"epochs": state["epoch"], "train_loss": final["train_loss"], "img_per_sec": final.get("img_per_sec", 0.0),
+               "train_s": round(time.perf_counter() - started, 1)}
     metrics = layout.metrics_path("pretrain", root)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(summary, indent=2) + "\n")
 
-    mlflow.log_artifact(str(out / "model.pt"), "checkpoints")
     mlflow.log_artifact(str(out / "history.csv"), "pretrain")
+    mlflow.log_artifact(str(metrics), "metrics")
     mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.checkpoint_sha256": digest})
+    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
+        {k: summary[k] for k in ("img_per_sec", "train_s", "train_loss")}))
+    # The trained network is logged once: as an MLflow model, or else as the checkpoint.
     if cfg.mlflow.log_model:
         start = time.perf_counter()
         log.info("logging the model to MLflow (torch.export; mlflow.log_model: false skips this)")
-        log_model(cfg, out / "model.pt")
+        source = log_model(cfg, out / "model.pt")
         log.info("model logged in %.1f s", time.perf_counter() - start)
+    else:
+        mlflow.log_artifact(str(out / "model.pt"), "checkpoints")
+        source = f"runs:/{srun.run_id}/checkpoints"
+    version = registry.register(srun.client(), cfg, source, srun.run_id, {
+        "iformer.checkpoint_sha256": digest, "iformer.parent_run_id": srun.parent_run_id,
+        **{k: v for k, v in tracking.identity_tags(cfg, root).items() if k != tracking.TAG_REPO}})
     write_manifest(
         "pretrain", root, srun,
         ray_run_name=inputs.run_name,
         ray_storage_path=cluster.storage_path(cfg, root),
-        ray_checkpoint=state.get("ray_checkpoint"),
+        ray_checkpoint=None,  # pruned after success: the weights are model.pt
+        registered_model={"name": registry.model_name(cfg), "version": version},
         checkpoint="model.pt",
         checkpoint_sha256=digest,
         variant=cfg.model.variant,
         epochs=state["epoch"],
         final=summary,
     )
-    log.info("%s val_top1 %.4f after %d epochs -> %s", cfg.model.variant, summary.get("val_top1", float("nan")),
+    freed = cluster.prune_run(cfg, root, inputs.run_name)
+    log.info("pruned %.1f MB of Ray checkpoints (the weights are in %s)", freed / 1e6, out / "model.pt")
+    log.info("%s last-epoch val_top1 %.4f after %d epochs -> %s", cfg.model.variant, final.get("val_top1", float("nan")),
              state["epoch"], out / "model.pt")
 
 
-def log_model(cfg: Config, weights_path: Path) -> None:
+def log_model(cfg: Config, weights_path: Path) -> str:
     """The eval-mode network as an MLflow model (torch.export, with signature and example)."""
     import mlflow
     import numpy as np
@@ -169,8 +185,9 @@ def log_model(cfg: Config, weights_path: Path) -> None:
     example = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, logits),
-                             input_example=example, pip_requirements=model_requirements())
+    info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, logits),
+                                    input_example=example, pip_requirements=model_requirements())
+    return info.model_uri
 
 
 def model_requirements() -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import layout
+from . import layout, store
 from .errors import PipelineError
 
 TAG_KIND = "iformer.kind"
@@ -173,6 +173,8 @@ def _connect(cfg, root: Path):
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg, root)
+    if uri == f"sqlite:///{store.default_db(root)}":
+        store.relocate(root)  # the repo may have moved since the store was written
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
@@ -188,27 +190,56 @@ def _children(client, exp_id: str, parent_id: str):
     return client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'", max_results=500)
 
 
-def _parent_run(client, exp_id: str, cfg, root: Path) -> str:
+def _source_name(dvc_proc, stage: str) -> str:
+    """What started the pipeline, as the runs table's Source column shows it."""
+    if dvc_proc is not None:
+        try:
+            cmd = dvc_proc.cmdline()
+            at = next(i for i, a in enumerate(cmd) if os.path.basename(a) == "dvc" or a == "dvc")
+            return " ".join(["dvc", *cmd[at + 1:]])[:500]
+        except Exception:  # psutil denied, or the process just ended
+            pass
+    return f"python -m stages.{stage}"
+
+
+def _parent_run(client, exp_id: str, cfg, root: Path, stage: str) -> str:
+    import getpass
+
+    from . import baseline
+
     key = invocation_key()
     found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_INVOCATION}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
     exp_name = dvc_experiment()
     dvc_proc = _dvc_process() if key.startswith("dvc:") else None
+    name = exp_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    commit = git_commit(root)
+    changed = baseline.differing(cfg, root)
     tags = {
         TAG_KIND: "pipeline",
         TAG_INVOCATION: key,
         TAG_REPO: str(layout.state_root(root)),
         TAG_OWNER: owner(dvc_proc.pid if dvc_proc else None),
-        "iformer.git_commit": git_commit(root),
+        "iformer.git_commit": commit,
         "iformer.dvc_experiment": exp_name or "workspace",
         "iformer.params_hash": cfg.params_hash(),
+        "iformer.params_changed": baseline.describe(changed)[:5000],
         "iformer.recipe": cfg.recipe,
         "iformer.variant": cfg.model.variant,
+        # MLflow's own: the runs table's Source, User and Version columns.
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.name": _source_name(dvc_proc, stage),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": getpass.getuser(),
+        "mlflow.runName": name,
     }
-    name = exp_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = client.create_run(exp_id, run_name=name, tags=tags)
+    # The pipeline started when `dvc` did: the parent's duration covers every stage.
+    started = _started_ms(dvc_proc.pid) if dvc_proc else None
+    run = client.create_run(exp_id, run_name=name, tags=tags, start_time=started)
     _log_config(client, run.info.run_id, cfg)
+    if changed:
+        client.log_dict(run.info.run_id, changed, "config/params_changed.json")
     return run.info.run_id
 
 
@@ -236,10 +267,20 @@ def read_stage_manifest(stage: str, root: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _link_upstream(client, exp_id: str, parent_id: str, stage: str, root: Path) -> None:
-    """Add a linked child for each upstream stage that did not run in this invocation."""
-    from mlflow.entities import Param
+def identity_tags(cfg, root: Path) -> dict:
+    """The experiment / commit / params tags every child of this invocation carries."""
+    return {"iformer.git_commit": git_commit(root), "iformer.params_hash": cfg.params_hash(),
+            "iformer.dvc_experiment": dvc_experiment() or "workspace", TAG_REPO: str(layout.state_root(root))}
 
+
+def _link_upstream(client, exp_id: str, parent_id: str, stage: str, cfg, root: Path) -> None:
+    """Add a linked child for each upstream stage that did not run in this invocation.
+
+    It carries this invocation's identity and params (DVC restored the outputs
+    because the stage's own deps and params are unchanged) and the producing
+    run's metrics; the producer's commit and params hash are kept as
+    `iformer.linked_*` tags, not presented as this experiment's.
+    """
     have = {r.data.tags.get(TAG_STAGE) for r in _children(client, exp_id, parent_id)}
     for up in layout.STAGES[: layout.STAGES.index(stage)]:
         if up in have:
@@ -248,18 +289,22 @@ def _link_upstream(client, exp_id: str, parent_id: str, stage: str, root: Path) 
         if not manifest or not manifest.get("mlflow_run_id"):
             continue
         src_id = manifest["mlflow_run_id"]
-        tags = {TAG_PARENT: parent_id, TAG_STAGE: up, TAG_LINKED_FROM: src_id, "iformer.cached": "true",
-                "mlflow.note.content": f"DVC restored this stage's outputs; they were produced by run {src_id}."}
-        linked = client.create_run(exp_id, run_name=f"{up} (cached)", tags=tags)
         try:
             src = client.get_run(src_id)
         except Exception:
             src = None  # produced in another tracking store: the tag still says where
+        tags = {**identity_tags(cfg, root), TAG_PARENT: parent_id, TAG_STAGE: up, TAG_LINKED_FROM: src_id,
+                "iformer.cached": "true",
+                "mlflow.note.content": f"DVC restored this stage's outputs; they were produced by run {src_id}."}
         if src is not None:
-            params = [Param(k, v) for k, v in src.data.params.items()]
+            tags.update({f"iformer.linked_{k}": src.data.tags.get(f"iformer.{k}", "")
+                         for k in ("git_commit", "params_hash", "dvc_experiment")})
+        linked = client.create_run(exp_id, run_name=f"{up} (cached)", tags=tags)
+        _log_config(client, linked.info.run_id, cfg)
+        if src is not None:
             metrics = metric_batch(src.data.metrics)
-            for i in range(0, max(len(params), len(metrics)), 100):
-                client.log_batch(linked.info.run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
+            for i in range(0, len(metrics), 100):
+                client.log_batch(linked.info.run_id, metrics=metrics[i : i + 100])
         client.set_terminated(linked.info.run_id, "FINISHED")
 
 
@@ -270,12 +315,10 @@ def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
 
     uri, client, exp_id = _connect(cfg, root)
     close_stale_runs(client, exp_id, root)
-    parent_id = _parent_run(client, exp_id, cfg, root)
+    parent_id = _parent_run(client, exp_id, cfg, root, stage)
     client.update_run(parent_id, status="RUNNING")
-    _link_upstream(client, exp_id, parent_id, stage, root)
-    tags = {TAG_STAGE: stage, "iformer.git_commit": git_commit(root), "iformer.params_hash": cfg.params_hash(),
-            "iformer.dvc_experiment": dvc_experiment() or "workspace",
-            TAG_REPO: str(layout.state_root(root)), TAG_OWNER: owner()}
+    _link_upstream(client, exp_id, parent_id, stage, cfg, root)
+    tags = {**identity_tags(cfg, root), TAG_STAGE: stage, TAG_OWNER: owner()}
     run = mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags)
     _log_config(client, run.info.run_id, cfg)
     status = "FAILED"
@@ -288,7 +331,12 @@ def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
         raise
     finally:
         mlflow.end_run(status)
-        client.set_terminated(parent_id, status)
+        # Every stage ends the parent; the next stage resumes it, so its end is the last stage's.
+        end = int(time.time() * 1000)
+        if status == "FINISHED":
+            wall = (end - client.get_run(parent_id).info.start_time) / 1000
+            client.log_batch(parent_id, metrics=metric_batch({"wall_s": wall}))
+        client.set_terminated(parent_id, status, end_time=end)
 
 
 def write_manifest(stage: str, root: Path, run: StageRun, /, **fields) -> Path:

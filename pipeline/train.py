@@ -217,7 +217,8 @@ class MetricLogger:
         from .tracking import metric_batch
 
         values = {k: v for k, v in row.items() if k != "epoch"}
-        self.client.log_batch(self.run_id, metrics=metric_batch(values, int(row["epoch"])))
+        # Step = the 1-based epoch the console and history.csv show (rows count from 0).
+        self.client.log_batch(self.run_id, metrics=metric_batch(values, int(row["epoch"]) + 1))
 
 
 # -- state ----------------------------------------------------------------------------

@@ -8,6 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=.venv
+# The browser test (tests/test_browser.py) drives Debian's chromium through its
+# chromedriver; installed as root (CI, these machines) when missing, else said.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and chromium-driver (apt)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium/chromedriver missing; the browser test needs: sudo apt-get install chromium chromium-driver" >&2
+  fi
+fi
 stamp="$VENV/.setup-$(cat pyproject.toml scripts/setup.sh scripts/setup-openmmlab.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0

@@ -71,19 +71,24 @@ def test_mlflow_holds_one_complete_parent_run(default_repo):
     assert {k.data.tags[tracking.TAG_STAGE] for k in kids} == STAGES and len(kids) == len(STAGES)
     assert all(k.info.status == "FINISHED" for k in kids) and parent.info.status == "FINISHED"
     assert len(parent.data.tags["iformer.git_commit"]) == 40
-    assert parent.data.metrics["val_top1"] >= 0.90
+    assert parent.data.metrics["top1"] >= 0.90
     client = default_repo.mlflow_client()
     pre = next(k for k in kids if k.data.tags[tracking.TAG_STAGE] == "pretrain")
     epochs = default_repo.params()["train"]["epochs"]
     for name in ("train_loss", "val_top1", "lr", "img_per_sec"):
         assert len(client.get_metric_history(pre.info.run_id, name)) == epochs, name
-    assert {a.path for a in client.list_artifacts(pre.info.run_id, "checkpoints")} == {"checkpoints/model.pt"}
+    assert not client.list_artifacts(pre.info.run_id, "checkpoints"), "the model is logged once (as an MLflow model)"
     assert {a.path for a in client.list_artifacts(pre.info.run_id, "config")} == {"config/resolved.yaml"}
     ev = next(k for k in kids if k.data.tags[tracking.TAG_STAGE] == "evaluate")
     ev_files = {a.path for a in client.list_artifacts(ev.info.run_id, "evaluate")}
     assert {"evaluate/confusion_matrix.png", "evaluate/per_class_accuracy.json"} <= ev_files
     models = client.search_logged_models([parent.info.experiment_id])
     assert any(m.source_run_id == pre.info.run_id for m in models), "the model is logged with mlflow.pytorch"
+    version = client.search_model_versions(f"name='iformer.iformer_t' and run_id='{pre.info.run_id}'")[0]
+    assert version.source.startswith("models:/") and version.tags["export.classifier_224.onnx"].startswith("runs:/")
+    assert {"wall_s", "top1", "img_per_sec", "latency_ms.onnxruntime.classifier_224"} <= set(parent.data.metrics)
+    assert parent.data.tags["mlflow.source.name"] == "dvc repro"
+    assert parent.info.end_time - parent.info.start_time >= 1000 * parent.data.metrics["wall_s"] - 1000
 
 
 def test_noop_repro_and_exp_run_add_one_complete_parent(default_repo):

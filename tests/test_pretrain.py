@@ -54,7 +54,7 @@ def test_distilled_ema_training_on_two_gloo_workers(prepared_repo):
     assert run.info.status == "FINISHED"
     assert run.data.params["distill.enabled"] == "True" and run.data.params["ray.num_workers"] == "2"
     hist = repo.mlflow_client().get_metric_history(run.info.run_id, "val_top1")
-    assert [m.step for m in hist] == [0]
+    assert [m.step for m in hist] == [1], "steps are the 1-based epochs users see"
     assert Path(manifest["ray_storage_path"], manifest["ray_run_name"]).is_dir()
 
 
@@ -95,7 +95,7 @@ def test_interrupted_stage_resumes_from_last_checkpoint(prepared_repo):
     manifest = checkpoint_manifest(repo)
     assert manifest["epochs"] == 3 and manifest["ray_run_name"] == first.parent.parent.name
     hist = repo.mlflow_client().get_metric_history(manifest["mlflow_run_id"], "val_top1")
-    assert sorted(m.step for m in hist) == [0, 1, 2], "the resumed run carries the whole history"
+    assert sorted(m.step for m in hist) == [1, 2, 3], "the resumed run carries the whole history"
 
 
 def _expect_error(repo, needle):

@@ -178,7 +178,7 @@ def run_stage(stage: str):
         mpath.write_text(json.dumps(metrics, indent=2) + "\n")
         mlflow.log_metrics(metrics)
         srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
-            {f"{stage}.{k}": metrics[k] for k in HEADLINE[task]}))
+            {k: metrics[k] for k in HEADLINE[task]}))  # the same names as metrics/<stage>.json
         mlflow.log_artifact(str(mpath), "metrics")
         mlflow.log_artifact(str(out / "config.py"), stage)
         for path in samples:
@@ -188,6 +188,7 @@ def run_stage(stage: str):
                        ray_storage_path=cluster.storage_path(cfg, root), checkpoint="model.pth",
                        checkpoint_sha256=checkpoint.sha256(weights), backbone_init=inputs.init,
                        backbone_init_sha256=inputs.init_sha256, samples=[p.name for p in samples])
+        cluster.prune_run(cfg, root, inputs.run_name)  # finished: its checkpoints are not needed to resume
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS[task])
         console.say(stage, f"{cfg.model.variant} {shown} (train {metrics['train_seconds']:.0f}s, "
                     f"eval {metrics['eval_seconds']:.0f}s)")

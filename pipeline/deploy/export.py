@@ -171,6 +171,20 @@ def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict
     return models
 
 
+def attach_to_registry(cfg: Config, root: Path, srun: StageRun, models: dict) -> None:
+    """Tag the registered version of the weights converted here with the Core ML / ONNX files."""
+    from .. import registry
+    from ..tracking import read_stage_manifest
+
+    trained_by = (read_stage_manifest("pretrain", root) or {}).get("mlflow_run_id")
+    if not trained_by:  # weights put in place by hand: no registered version to attach to
+        return
+    files = {f: f"runs:/{srun.run_id}/export/{f}" for m in models.values() for f in (m["coreml"], m["onnx"])}
+    version = registry.attach(srun.client(), cfg, trained_by, files)
+    if version:
+        log.info("attached %d files to %s version %s", len(files), registry.model_name(cfg), version)
+
+
 def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     import mlflow
 
@@ -208,6 +222,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         {f"census.{n}.ops": m["ops"] for n, m in metrics.items()}))
     mlflow.log_artifacts(str(final), "export")
     mlflow.log_artifact(str(mpath), "metrics")
+    attach_to_registry(cfg, root, srun, models)
     ecfg = cfg.export
     write_manifest(STAGE, root, srun, models=models, variant=inputs.weights["variant"],
                    weights_sha256=checkpoint.sha256(inputs.weights_path),

@@ -1,8 +1,7 @@
-"""The `report` stage: this pipeline run beside the paper's reference row.
+"""This run's inputs and its sections beside the paper's rows: classification, latency, dense.
 
-Writes `artifacts/report/` with `report.md`, `report.json` and `curves.png`
-(loss and accuracy per epoch). Later issues add export, latency and dense-task
-sections; each is a function returning a markdown section and a JSON dict.
+Each section is a function returning markdown lines (and, where the JSON
+needs it, a dict). Accuracy, AP and mIoU are printed and stored in percent.
 """
 from __future__ import annotations
 
@@ -13,10 +12,10 @@ from pathlib import Path
 
 from iformer.reference import reference_for
 
-from . import layout
-from .config import Config
-from .errors import PipelineError
-from .tracking import StageRun, read_stage_manifest, write_manifest
+from .. import layout
+from ..config import Config
+from ..errors import PipelineError
+from ..tracking import read_stage_manifest
 
 
 @dataclass
@@ -28,6 +27,7 @@ class Inputs:
     dense: dict  # stage -> its metrics (finetune_coco, finetune_ade20k), when they ran
     latency: dict | None = None  # artifacts/latency/latency.json
     export: dict | None = None   # the export stage's manifest
+    per_class: dict | None = None  # artifacts/evaluate/per_class_accuracy.json (fractions)
 
 
 def check(cfg: Config, root: Path) -> Inputs:
@@ -42,9 +42,10 @@ def check(cfg: Config, root: Path) -> Inputs:
     dense = {s: json.loads(layout.metrics_path(s, root).read_text()) for s in DENSE_STAGES
              if layout.metrics_path(s, root).is_file()}
     latency = layout.stage_dir("latency", root) / "latency.json"
+    per_class = layout.stage_dir("evaluate", root) / "per_class_accuracy.json"
     return Inputs(history, json.loads(metrics.read_text()), manifests["pretrain"], manifests["prepare"],
                   dense, json.loads(latency.read_text()) if latency.is_file() else None,
-                  read_stage_manifest("export", root))
+                  read_stage_manifest("export", root), json.loads(per_class.read_text()) if per_class.is_file() else None)
 
 
 DENSE_STAGES = ("finetune_coco", "finetune_ade20k")
@@ -78,31 +79,6 @@ def dense_section(cfg: Config, dense: dict) -> tuple[list[str], dict]:
                   "fine-tuning works, and are not comparable with the paper's."]
     return lines, {"ours": ours, "metrics": dense}
 
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(r["epoch"]) for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    a.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
-    a.set(xlabel="epoch", ylabel="loss", title="Loss")
-    a.legend()
-    b.plot(epochs, [r["val_top1"] for r in history], "o-", label="val top-1")
-    b.plot(epochs, [r["val_top5"] for r in history], "o-", label="val top-5")
-    if "val_top1_ema" in history[0]:
-        b.plot(epochs, [r["val_top1_ema"] for r in history], "o--", label="val top-1 (EMA)")
-    b.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy", ylim=(0, 1.02))
-    b.legend()
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _fmt(v, pct: bool = False) -> str:
@@ -161,17 +137,20 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
         "epochs": len(inputs.history),
         "params_m": ev.get("params_m"),
         "gmacs_224": ev.get("gmacs_224"),
-        "top1": ev["top1"],
-        "top5": ev["top5"],
+        "top1": 100 * ev["top1"],  # percent, as the paper's
+        "top5": 100 * ev["top5"],
         "distilled": cfg.distill.enabled,
         "train_img_per_sec": inputs.history[-1].get("img_per_sec"),
     }
-    summary = {"ours": ours, "paper": ref.as_dict() if ref else None,
+    summary = {"units": {"top1": "%", "top5": "%", "ap_box": "%", "ap_mask": "%", "miou": "%", "latency": "ms",
+                         "params_m": "M", "gmacs_224": "GMACs"},
+               "ours": ours, "paper": ref.as_dict() if ref else None,
                "mlflow_run_ids": {"pretrain": inputs.pretrain.get("mlflow_run_id"),
                                   "prepare": inputs.prepare.get("mlflow_run_id")},
                "ray_run_name": inputs.pretrain.get("ray_run_name"),
                "checkpoint_sha256": inputs.pretrain.get("checkpoint_sha256"),
-               "history": inputs.history}
+               "history": [{k: 100 * v if k.startswith("val_top") else v for k, v in r.items()}
+                           for r in inputs.history]}
     paper_top1 = (ref.top1_distilled if cfg.distill.enabled else ref.top1) if ref else None
     measured = ", ".join(f"{b} {r['models']['classifier_224']['median']:.2f}"
                          for b, r in (inputs.latency or {}).items() if "classifier_224" in r.get("models", {}))
@@ -186,7 +165,7 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
         "| | Params (M) | GMACs @224 | Latency @224 (ms) | Top-1 (%) | Top-5 (%) |",
         "|---|---|---|---|---|---|",
         f"| this run | {_fmt(ours['params_m'])} | {_fmt(ours['gmacs_224'])} | {measured or '–'} | "
-        f"{_fmt(ours['top1'], True)} | {_fmt(ours['top5'], True)} |",
+        f"{_fmt(ours['top1'])} | {_fmt(ours['top5'])} |",
     ]
     if ref:
         lines.append(f"| paper (ImageNet-1K, 224px) | {_fmt(ref.params_m)} | {_fmt(ref.gmacs)} | "
@@ -197,26 +176,14 @@ def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
     lines += latency_section(ref, inputs.latency, inputs.export)
     summary["latency"] = inputs.latency
     lines += dense_lines
-    lines += ["", "![loss and accuracy per epoch](curves.png)", "", "## Per-epoch history", "",
+    if inputs.per_class:
+        summary["per_class_top1"] = {c: None if a is None else 100 * a for c, a in inputs.per_class.items()}
+        lines += ["", "## Per-class top-1 (%)", "", "| " + " | ".join(inputs.per_class) + " |",
+                  "|" + "---|" * len(inputs.per_class),
+                  "| " + " | ".join(_fmt(None if a is None else 100 * a) for a in inputs.per_class.values()) + " |"]
+    lines += ["", "![loss, accuracy and learning rate per epoch](curves.png)", "", "## Per-epoch history", "",
               "| epoch | train loss | val loss | val top-1 | img/s | lr |", "|---|---|---|---|---|---|"]
     for r in inputs.history:
         lines.append(f"| {int(r['epoch'])} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
                      f"{100 * r['val_top1']:.2f} | {r.get('img_per_sec', 0):.1f} | {r.get('lr', 0):.2e} |")
     return "\n".join(lines) + "\n", summary
-
-
-def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
-    import mlflow
-
-    out = layout.stage_dir("report", root)
-    out.mkdir(parents=True, exist_ok=True)
-    markdown, summary = build(cfg, inputs)
-    plot_curves(inputs.history, out / "curves.png")
-    (out / "report.md").write_text(markdown)
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    mlflow.log_artifacts(str(out), "report")
-    client = srun.client()
-    for name in ("report.md", "report.json", "curves.png"):
-        client.log_artifact(srun.parent_run_id, str(out / name), "report")
-    write_manifest("report", root, srun, top1=summary["ours"]["top1"])
-    print(markdown.split("## Per-epoch")[0])

@@ -1,0 +1,197 @@
+"""Two short real pipeline runs, the cross-run report, and the MLflow UI in headless Chromium.
+
+The store comes from real stages (prepare, pretrain, evaluate, export, latency,
+report) run twice with different params; `mlflow server` serves it on
+127.0.0.1 and Debian's chromium (driven by selenium through chromedriver)
+opens the runs table, the compare view and the report page.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import TINY, deep_update, make_repo
+
+from pipeline import tracking
+
+pytestmark = pytest.mark.slow
+
+SHORT = deep_update(copy.deepcopy(TINY), {
+    "train": {"epochs": 1},
+    "export": {"classifier_sizes": [], "backbone_size": None},
+    "latency": {"backends": ["onnxruntime"], "models": ["classifier_32"], "runs": 4, "warmup": 1},
+})
+STAGES = ("pretrain", "evaluate", "export", "latency", "report")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("browser") / "repo", SHORT)
+    repo.stage("prepare", env={"IFORMER_PIPELINE_RUN": "run-a"})
+    for stage in STAGES:
+        repo.stage(stage, env={"IFORMER_PIPELINE_RUN": "run-a"})
+    repo.set_params({"optim": {"base_lr": 0.004}})  # an experiment: not committed
+    for stage in STAGES:
+        repo.stage(stage, env={"IFORMER_PIPELINE_RUN": "run-b"})
+    return repo
+
+
+def _parents(repo):
+    return sorted(repo.runs(f"tags.`{tracking.TAG_KIND}` = 'pipeline'"), key=lambda r: r.info.start_time)
+
+
+def test_parents_hold_headlines_and_the_report_compares_runs(two_runs):
+    repo = two_runs
+    a, b = _parents(repo)
+    for p in (a, b):
+        m = p.data.metrics
+        assert {"top1", "top5", "params_m", "gmacs_224", "latency_ms.onnxruntime.classifier_32", "img_per_sec",
+                "wall_s"} <= set(m), sorted(m)
+        assert p.data.tags["mlflow.source.git.commit"] == p.data.tags["iformer.git_commit"]
+        assert p.info.end_time - p.info.start_time >= 1000 * m["wall_s"] - 1000
+    assert a.data.tags["iformer.params_changed"] == "baseline"
+    assert b.data.tags["iformer.params_changed"] == "optim.base_lr=0.004"
+
+    client = repo.mlflow_client()
+    name = f"{repo.params()['mlflow']['experiment']}.iformer_t"
+    versions = client.search_model_versions(f"name='{name}'")
+    assert len(versions) == 2
+    pre_b = next(r for r in repo.runs(f"tags.`{tracking.TAG_PARENT}` = '{b.info.run_id}'")
+                 if r.data.tags[tracking.TAG_STAGE] == "pretrain")
+    vb = next(v for v in versions if v.run_id == pre_b.info.run_id)
+    assert vb.tags["export.classifier_32.onnx"].startswith("runs:/")
+    assert any(k.endswith(".mlpackage.zip") for k in vb.tags)
+    assert {a.path for a in client.list_artifacts(pre_b.info.run_id, "checkpoints")} == {"checkpoints/model.pt"}
+    assert not list((repo.path / "ray_results").glob("pretrain-*/epoch-*")), "checkpoints pruned after success"
+
+    out = repo.path / "artifacts/report"
+    summary = json.loads((out / "report.json").read_text())
+    assert [r["run_id"] for r in summary["runs"]] == [a.info.run_id, b.info.run_id]
+    assert summary["identity"]["parent_run_id"] == b.info.run_id
+    assert summary["identity"]["params_changed"] == {"optim.base_lr": {"baseline": 0.002, "value": 0.004}}
+    assert abs(summary["ours"]["top1"] - 100 * b.data.metrics["top1"]) < 1e-6, "percent, as the paper's"
+    points = summary["pareto"]["onnxruntime"]
+    assert len(points) == 2 and any(p["on_front"] for p in points)
+    md = (out / "report.md").read_text()
+    assert "Table 3 style" in md and "paper iformer_t" in md and "`optim.base_lr` 0.002 → 0.004" in md
+    assert "1000-class head" in md
+    page = (out / "report.html").read_text()
+    assert "src=\"data:image/png;base64," in page and "http://" not in page and "https://" not in page
+    files = {f.path for f in client.list_artifacts(b.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/report.json", "report/pareto_onnxruntime.png"} <= files
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(two_runs, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("mlflow-server") / "server.log", "w")
+    bin_dir = shutil.which("mlflow", path=str(sys.executable.rsplit("/", 1)[0]))
+    proc = subprocess.Popen([bin_dir, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{two_runs.path / 'mlflow' / 'mlflow.db'}"],
+                            cwd=two_runs.path, env=two_runs.env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"mlflow server did not come up: {open(log.name).read()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()  # by its PID
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("chromium / chromedriver missing: scripts/setup.sh installs Debian's chromium and chromium-driver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=3600,1000",
+                "--disable-gpu"):
+        opts.add_argument(arg)
+    b = webdriver.Chrome(options=opts, service=Service(driver))
+    b.set_page_load_timeout(60)
+    yield b
+    b.quit()
+
+
+def _wait_text(browser, needles, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = browser.find_element("tag name", "body").text
+        if all(n in text for n in needles):
+            return text
+        time.sleep(1)
+    raise AssertionError(f"{needles} not on {browser.current_url}:\n{text[:3000]}")
+
+
+def test_mlflow_ui_lists_parent_runs_and_compares_them(two_runs, server, browser, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    a, b = _parents(two_runs)
+    exp = a.info.experiment_id
+    # The classic training view of MLflow 3.x: the experiment's runs page, not the GenAI home.
+    browser.get(f"{server}/#/experiments/{exp}/runs")
+    _wait_text(browser, [a.info.run_name, b.info.run_name, "Training runs"])
+    browser.save_screenshot(str(tmp_path / "runs.png"))
+    # A headline metric as a column of the runs table (Columns -> top1): the parents' values.
+    browser.find_element("xpath", "//button[contains(., 'Columns')]").click()
+    _wait_text(browser, ["top1"])
+    browser.find_elements("xpath", "//*[normalize-space(text())='top1']")[-1].click()
+    browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+    _wait_text(browser, [f"{a.data.metrics['top1']:.4f}"[:6], f"{b.data.metrics['top1']:.4f}"[:6]])
+    browser.save_screenshot(str(tmp_path / "runs-top1.png"))
+
+    ids = json.dumps([a.info.run_id, b.info.run_id])
+    browser.get(f"{server}/#/compare-runs?runs={ids}&experiments={json.dumps([exp])}")
+    text = _wait_text(browser, ["top1", "params_m", a.info.run_name, b.info.run_name])
+    assert "latency_ms.onnxruntime.classifier_32" in text and "optim.base_lr" in text
+    browser.save_screenshot(str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_report_and_dvc_plots_render_in_the_browser(two_runs, browser, tmp_path):
+    page = two_runs.path / "artifacts/report/report.html"
+    browser.get(page.as_uri())
+    widths = browser.execute_script(
+        "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) >= 2 and all(w > 0 for w in widths), widths
+    assert "Accuracy vs latency: onnxruntime" in browser.find_element("tag name", "body").text
+    browser.save_screenshot(str(tmp_path / "report.png"))
+
+    two_runs.run("dvc", "plots", "show")
+    browser.get((two_runs.path / "dvc_plots/index.html").as_uri())
+    deadline = time.time() + 30
+    while time.time() < deadline and not browser.execute_script(
+            "return document.querySelectorAll('svg.marks, canvas.marks').length"):
+        time.sleep(0.5)
+    assert browser.execute_script("return document.querySelectorAll('svg.marks, canvas.marks').length") >= 2
+    browser.save_screenshot(str(tmp_path / "dvc-plots.png"))
