@@ -53,7 +53,7 @@ def _check_tracking(repo, stage, headline):
     samples = client.list_artifacts(run.info.run_id, f"{stage}/samples")
     assert len(samples) == 2 and all(a.file_size > 1000 for a in samples)
     parent = client.get_run(manifest["mlflow_parent_run_id"])
-    assert f"{stage}.{headline}" in parent.data.metrics
+    assert headline in parent.data.metrics  # one name per quantity, on the parent too
     own = [r for r in repo.runs(f"tags.`iformer.stage` = '{stage}'") if "iformer.linked_from" not in r.data.tags]
     assert [r.info.run_id for r in own] == [run.info.run_id], "no second, unrelated run"
     return manifest
@@ -78,11 +78,13 @@ def test_semantic_fpn_trains_evaluates_and_resumes(repo):
         assert 0.0 <= first[key] <= 100.0, first
     assert 0.0 < first["miou_majority_baseline"] < 100.0
     manifest = _check_tracking(repo, "finetune_ade20k", "miou")
-    # The same inputs again: Ray restores the finished run and the worker only re-evaluates.
-    again = repo.stage("finetune_ade20k")
-    assert "from ray checkpoint" in again.stderr, again.stderr[-3000:]
-    second = _metrics(repo, "finetune_ade20k")
-    assert second["miou"] == pytest.approx(first["miou"], abs=1e-6)
+    # A finished run keeps its logs, not its checkpoints (those only serve an interrupted run).
+    run_dir = repo.path / "ray_results" / manifest["ray_run_name"]
+    assert (run_dir / "ray.log").is_file()
+    assert not [p for p in run_dir.iterdir() if p.is_dir()], sorted(p.name for p in run_dir.iterdir())
+    again = repo.stage("finetune_ade20k")  # so a forced rerun trains afresh, under the same run name
+    assert "4 iterations from the pretrained backbone" in again.stderr, again.stderr[-3000:]
+    assert 0.0 <= _metrics(repo, "finetune_ade20k")["miou"] <= 100.0
     assert _manifest(repo, "finetune_ade20k")["ray_run_name"] == manifest["ray_run_name"]
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from .. import baseline, layout
+from .. import baseline, console, layout
 from ..config import Config
 from ..tracking import StageRun, git_commit, write_manifest
 from . import compare, figures, page, runs
@@ -52,4 +53,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     client.log_artifacts(srun.parent_run_id, str(final), "report")
     write_manifest("report", root, srun, top1=summary["ours"]["top1"], runs=len(rows),
                    files=sorted(p.name for p in final.iterdir()))
-    print(markdown.split("## Per-epoch")[0])
+    # The console gets the headline table (this run beside the paper); the rest is in the page.
+    table = [line for line in markdown.split("\n## ")[0].splitlines() if line.startswith("|")]
+    print("\n".join(table), file=sys.stderr)
+    console.say("report", f"{len(rows)} pipeline runs compared; the full report: {final / 'report.html'}")
