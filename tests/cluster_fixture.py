@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
 VENV_BIN = Path(sys.executable).parent
 MARKER = "IFORMER_TEST_NODE"
@@ -219,3 +220,37 @@ actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000
 print(json.dumps([[a.pid, a.node_id, a.state] for a in actors]))
 """
 ALIVE_NODES = "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-node loopback cluster (one CPU per node) with an MLflow server and a shared storage dir."""
+    base = tmp_path_factory.mktemp("cluster")
+    ray_cluster = LoopbackCluster(base, cpus=1)
+    server = None
+    try:
+        ray_cluster.start(nodes=2)
+        server = MlflowServer(base)
+        ray_cluster.mlflow = server
+        ray_cluster.storage = base / "shared-storage"  # what every node reaches (NFS/S3 on a real cluster)
+        yield ray_cluster
+    finally:
+        if server is not None:
+            server.stop()
+        ray_cluster.stop()
+
+
+def cluster_repo(path: Path, cluster: LoopbackCluster, over: dict | None = None):
+    """A tiny repo whose pretrain runs 2 workers on `cluster`, tracked by its MLflow server."""
+    import copy
+
+    from conftest import TINY, deep_update, make_repo
+
+    params = deep_update(copy.deepcopy(TINY), {
+        "ray": {"address": cluster.address, "num_workers": 2, "cpus_per_worker": 1.0,
+                "storage_path": str(cluster.storage)},
+        "mlflow": {"tracking_uri": cluster.mlflow.uri},
+    })
+    repo = make_repo(path, deep_update(params, over or {}))
+    repo.env.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_AUTH")})
+    return repo

@@ -4,44 +4,14 @@ One cluster and one tracking server serve the whole module: a head and a
 second node with one CPU each, so two training workers with one CPU each can
 only run one per node.
 """
-import copy
 import json
 
 import pytest
 
-from cluster_fixture import ALIVE_NODES, TRAIN_WORKERS, LoopbackCluster, MlflowServer, ray_query
-from conftest import TINY, deep_update, make_repo
+from cluster_fixture import ALIVE_NODES, TRAIN_WORKERS, cluster, cluster_repo, ray_query  # noqa: F401 (fixture)
 from pipeline import tracking
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cluster")
-    ray_cluster = LoopbackCluster(base, cpus=1)
-    server = None
-    try:
-        ray_cluster.start(nodes=2)
-        server = MlflowServer(base)
-        ray_cluster.mlflow = server
-        ray_cluster.storage = base / "shared-storage"  # what every node reaches (NFS/S3 on a real cluster)
-        yield ray_cluster
-    finally:
-        if server is not None:
-            server.stop()
-        ray_cluster.stop()
-
-
-def cluster_repo(path, cluster, over: dict | None = None):
-    params = deep_update(copy.deepcopy(TINY), {
-        "ray": {"address": cluster.address, "num_workers": 2, "cpus_per_worker": 1.0,
-                "storage_path": str(cluster.storage)},
-        "mlflow": {"tracking_uri": cluster.mlflow.uri},
-    })
-    repo = make_repo(path, deep_update(params, over or {}))
-    repo.env.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_AUTH")})
-    return repo
 
 
 def test_a_cluster_run_refuses_a_local_tracking_store(tmp_path, cluster):
