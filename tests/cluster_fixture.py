@@ -63,10 +63,10 @@ def kill_marked(value: str, grace: float = 10.0) -> None:
     procs = marked(value)
     for p in procs:
         try:
-            p.terminate()
+            p.terminate() if grace > 0 else p.kill()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    _, alive = psutil.wait_procs(procs, timeout=max(grace, 1.0))
     for p in alive:
         try:
             p.kill()
@@ -78,12 +78,15 @@ def kill_marked(value: str, grace: float = 10.0) -> None:
 class Node:
     def __init__(self, name: str, proc: subprocess.Popen, marker: str, temp_dir: Path, log: Path):
         self.name, self.proc, self.marker, self.temp_dir, self.log = name, proc, marker, temp_dir, log
+        self.stopped = False
 
     def pids(self) -> set[int]:
         return {p.pid for p in marked(self.marker)}
 
-    def stop(self) -> None:
-        kill_marked(self.marker)
+    def stop(self, grace: float = 10.0) -> None:
+        """Every process of this node, by PID: SIGTERM, then SIGKILL after `grace` s (0: a crash)."""
+        self.stopped = True
+        kill_marked(self.marker, grace)
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
@@ -149,7 +152,7 @@ class LoopbackCluster:
 
     def _alive_nodes(self) -> int:
         for node in self.nodes:
-            if node.proc.poll() is not None:
+            if not node.stopped and node.proc.poll() is not None:
                 raise AssertionError(f"ray start for {node.name} exited: {node.log.read_text()[-3000:]}")
         out = subprocess.run([sys.executable, "-c", "import ray, json; ray.init(); "
                               "print(sum(n['Alive'] for n in ray.nodes()))"],
@@ -159,7 +162,8 @@ class LoopbackCluster:
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
-            node.stop()
+            if not node.stopped or node.proc.poll() is None:
+                node.stop()
         shutil.rmtree(self.short, ignore_errors=True)
 
 

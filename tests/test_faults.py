@@ -84,3 +84,34 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_mlflow_keeps_
     for key in ("train_loss", "val_top1", "val_loss", "lr"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [0, 1, 2], (key, steps)
+
+
+def test_a_lost_node_ends_the_run_in_one_error_line_and_a_rerun_resumes(tmp_path, cluster):
+    storage = cluster.storage / "node-loss"
+    repo = cluster_repo(tmp_path / "repo", cluster, {"train": {"epochs": 3}, "ray": {"storage_path": str(storage)}})
+    repo.stage("prepare")
+    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo.path, env=repo.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = Lines(stage)
+    try:
+        wait_for(lambda: storage.is_dir() and checkpointed_epochs(storage) >= 1, 600, "the first checkpoint")
+        lost = cluster.nodes[-1]
+        lost.stop(grace=0)  # every process of the second node, SIGKILL by PID: a crashed machine
+        stage.wait(timeout=600)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    lines.thread.join(timeout=10)
+    err = lines.text()
+    assert stage.returncode == 2, err[-4000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: ray: ") and "resume" in errors[0], err[-4000:]
+    assert "Traceback" not in err
+    print(f"\nnode lost: {errors[0]}")
+
+    cluster._start(f"node{len(cluster.nodes)}", head=False)  # the node comes back
+    wait_for(lambda: cluster._alive_nodes() >= 2, 120, "the replacement node")
+    again = repo.stage("pretrain")
+    assert "from ray checkpoint" in again.stderr, again.stderr[-3000:]
+    manifest = json.loads((repo.path / "artifacts/pretrain/manifest.json").read_text())
+    assert manifest["epochs"] == 3
