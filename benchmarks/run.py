@@ -4,6 +4,7 @@
     python -m benchmarks.run p1 --reps 3
     python -m benchmarks.run p3 --threads 1
     python -m benchmarks.run p4 p5
+    python -m benchmarks.run p6 --reps 1
 
 P1  pretrain-stage training throughput (the Ray Train loop) / a bare
     single-process PyTorch loop: same model, batch, data and transforms.
@@ -19,6 +20,10 @@ P3  CPU latency of iformer_m at 224, batch 1: fused (timm `fuse()`) / unfused ev
 P4  full default `dvc repro` wall time in a fresh copy of the repo. Goal <= 10 min.
 P5  no-op `dvc repro` wall time: the default, and with a 100 k-file ImageNet-layout
     tree configured as the data set. Goal <= 3 s.
+P6  per-epoch time of the pretrain stage with 2 workers on 2 nodes / 1 worker on 1
+    node, same global batch, on a 2-node loopback Ray cluster (one CPU per node,
+    token auth, an MLflow server; tests/cluster_fixture.py). Median epoch time
+    after the first epoch, from history.csv; runs interleaved. Goal <= 0.6.
 """
 from __future__ import annotations
 
@@ -253,9 +258,53 @@ def p4_p5(noop_reps: int) -> None:
               f"{noop_reps} (goal <= 3 s; listing the tree in prepare took {listing:.1f} s)", flush=True)
 
 
+# -- P6 ------------------------------------------------------------------------------
+def p6(reps: int, epochs: int) -> None:
+    import csv
+    import os
+
+    from cluster_fixture import LoopbackCluster, MlflowServer
+    from conftest import make_repo
+
+    def epoch_seconds(repo) -> float:
+        rows = list(csv.DictReader(open(repo.path / "artifacts/pretrain/history.csv")))
+        times = [float(r["epoch_seconds"]) for r in rows]
+        return statistics.median(times[1:] or times)
+
+    with tempfile.TemporaryDirectory(prefix="bench-p6-") as tmp:
+        base = Path(tmp)
+        cluster = LoopbackCluster(base, cpus=1)
+        server = None
+        try:
+            cluster.start(nodes=2)
+            server = MlflowServer(base)
+            auth = {k: v for k, v in cluster.env.items() if k.startswith("RAY_AUTH")}
+            times: dict[int, list[float]] = {1: [], 2: []}
+            for i in range(reps):
+                for workers in (2, 1):
+                    repo = make_repo(base / f"repo-{workers}-{i}", {
+                        "train": {"epochs": epochs, "batch_size": 64}, "mlflow": {"tracking_uri": server.uri,
+                                                                                 "log_model": False},
+                        "ray": {"address": cluster.address, "num_workers": workers, "cpus_per_worker": 1.0,
+                                "storage_path": str(base / "storage")}})
+                    repo.env.update(auth)
+                    repo.stage("prepare")
+                    repo.stage("pretrain")
+                    times[workers].append(epoch_seconds(repo))
+                    print(f"P6 rep {i + 1}: {workers} worker(s): {times[workers][-1]:.1f} s/epoch", flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+            cluster.stop()
+    two, one = statistics.median(times[2]), statistics.median(times[1])
+    print(f"P6 [iformer_t 64px, global batch 64, {epochs} epochs, {reps} rep(s), one CPU per node, "
+          f"{os.cpu_count()} cores on the machine] 2 workers on 2 nodes {two:.1f} s/epoch / 1 worker on 1 node "
+          f"{one:.1f} s/epoch = {two / one:.2f} (goal <= 0.6)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="*", default=["p1", "p2", "p3", "p4", "p5"])
+    ap.add_argument("which", nargs="*", default=["p1", "p2", "p3", "p4", "p5", "p6"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=15, help="P3: round-robin rounds")
@@ -275,6 +324,8 @@ def main() -> None:
         p3(args.rounds, args.calls, args.threads)
     if which & {"p4", "p5"}:
         p4_p5(args.reps)
+    if "p6" in which:
+        p6(args.reps, args.epochs)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 #: The local Ray's token file; its path in a process's environment marks that
 #: process as this run's (see `lifecycle.reaper`).
 TOKEN_FILE = "auth_token"
+#: What the workers need to reach the tracking server; credentials come from
+#: the driver's environment, never from params.yaml.
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
 
 
 def address(cfg) -> str | None:
@@ -67,10 +71,14 @@ def check(cfg) -> None:
     """Fail within `ray.connect_timeout_s` when the configured cluster does not answer.
 
     Ray's own connect retries for minutes; this probe runs before any MLflow
-    run is opened. `auto` is resolved by Ray itself when it connects.
+    run is opened. `auto` is resolved by Ray itself when it connects. A
+    cluster also needs a tracking store its workers can reach (`check_tracking`).
     """
     addr = address(cfg)
-    if not addr or addr == "auto":
+    if not addr:
+        return
+    if addr == "auto":  # resolved by Ray itself when it connects
+        check_tracking(cfg, addr)
         return
     hp = _host_port(addr)
     field = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
@@ -82,11 +90,24 @@ def check(cfg) -> None:
     except OSError as err:
         raise PipelineError(f"{field}: nothing answers at {addr} within {cfg.ray.connect_timeout_s:g} s "
                             f"({err.strerror or err}); start the cluster or fix the address") from None
+    check_tracking(cfg, addr)
+
+
+def check_tracking(cfg, addr: str) -> None:
+    """A cluster's workers log to MLflow from other machines: a local file or sqlite store cannot serve them."""
+    from . import tracking
+
+    uri = tracking.tracking_uri(cfg, layout.repo_root())
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else "file"
+    if scheme in ("file", "sqlite"):
+        raise PipelineError(f"mlflow.tracking_uri / MLFLOW_TRACKING_URI: {uri} is a local store, which the "
+                            f"workers of the Ray cluster at {addr} cannot log to; start a tracking server "
+                            "(`mlflow server`) every node reaches and set mlflow.tracking_uri or "
+                            "MLFLOW_TRACKING_URI to its http(s):// address")
 
 
 def _runtime_env_vars() -> dict:
-    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "IFORMER_ROOT")
-           if k in os.environ}
+    env = {k: os.environ[k] for k in (*TRACKING_ENV, "MLFLOW_DISABLE_TELEMETRY", "IFORMER_ROOT") if k in os.environ}
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # Train V2 tees print() into its logger as well, which doubles every line.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"

@@ -201,24 +201,32 @@ def print_progress(total_epochs: int):
 
 
 class MetricLogger:
-    """Per-epoch metrics from rank 0 into the stage's MLflow run."""
+    """Per-epoch metrics from rank 0 into the stage's MLflow run, each epoch once.
+
+    A worker group Ray restarted (`ray.max_failures`) or a rerun resumes in the
+    same MLflow run: epochs the run already holds are not logged again.
+    """
 
     def __init__(self, tracking_uri: str | None, run_id: str | None):
         self.client = None
         self.run_id = run_id
+        self.logged: set[int] = set()
         if tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
+            self.logged = {m.step for m in self.client.get_metric_history(run_id, "train_loss")}
 
     def log(self, row: dict) -> None:
-        if self.client is None:
+        if self.client is None or int(row["epoch"]) + 1 in self.logged:
             return
         from .tracking import metric_batch
 
         values = {k: v for k, v in row.items() if k != "epoch"}
         # Step = the 1-based epoch the console and history.csv show (rows count from 0).
-        self.client.log_batch(self.run_id, metrics=metric_batch(values, int(row["epoch"]) + 1))
+        step = int(row["epoch"]) + 1
+        self.client.log_batch(self.run_id, metrics=metric_batch(values, step))
+        self.logged.add(step)
 
 
 # -- state ----------------------------------------------------------------------------
@@ -333,8 +341,8 @@ def train_loop_per_worker(config: dict) -> None:
             row.update(val_top1_ema=ev["top1"], val_top5_ema=ev["top5"], val_loss_ema=ev["loss"])
         row["epoch_seconds"] = time.perf_counter() - tstart
         history.append(row)
-        if rank == 0:
+        report(row)
+        if rank == 0:  # after the checkpoint: an epoch in MLflow is never redone after a restart
             logger.log(row)
             say(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {row['train_loss']:.4f} "
                 f"val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f} {row['img_per_sec']:.1f} img/s")
-        report(row)

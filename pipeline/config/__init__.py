@@ -23,9 +23,11 @@ from ..errors import PipelineError
 from .base import LaxPath, Pair, Section, check_multiple_of_32, ordered_pair
 from .dense import DetectionConfig, SegmentationConfig
 from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, LatencyConfig, OnnxExportConfig
+from .sweep import SweepConfig
 
 __all__ = ["VARIANTS", "LATENCY_BACKENDS", "Config", "CoreMLExportConfig", "DetectionConfig", "ExportConfig",
-           "LatencyConfig", "OnnxExportConfig", "SegmentationConfig", "dump_config", "load_config", "parse_config"]
+           "LatencyConfig", "OnnxExportConfig", "SegmentationConfig", "SweepConfig", "dump_config", "load_config",
+           "parse_config"]
 
 #: timm's registered iFormer classifiers (a test checks them against timm's registry).
 VARIANTS = ("iformer_t", "iformer_s", "iformer_m", "iformer_l", "iformer_l2", "iformer_h")
@@ -178,6 +180,7 @@ class Config(Section):
     latency: LatencyConfig = LatencyConfig()
     detection: DetectionConfig = DetectionConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
+    sweep: SweepConfig = SweepConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     @field_validator("recipe")

@@ -1,0 +1,45 @@
+"""The `sweep` section: a Ray Tune search over the pretrain loop (`python -m pipeline.sweep`)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from .base import Pair, Section, ordered_pair
+
+#: Search-space key -> the params.yaml field a trial sets.
+SPACE_FIELDS = {"base_lr": "optim.base_lr", "weight_decay": "optim.weight_decay", "drop_path": "model.drop_path",
+                "batch_size": "train.batch_size", "variant": "model.variant"}
+
+
+class SearchSpace(Section):
+    # [low, high] ranges (null: keep params.yaml's value); lr and weight decay log-uniform.
+    base_lr: Optional[Pair] = (5e-4, 5e-3)
+    weight_decay: Optional[Pair] = (0.01, 0.1)
+    drop_path: Optional[Pair] = None          # uniform; low may be 0
+    # choices ([]: keep params.yaml's value)
+    batch_size: list[int] = []
+    variant: list[str] = []
+
+    @field_validator("base_lr", "weight_decay")
+    @classmethod
+    def _positive_range(cls, v):
+        return v if v is None else ordered_pair(v)
+
+    @field_validator("drop_path")
+    @classmethod
+    def _drop_path_range(cls, v):
+        if v is not None and not (0 <= v[0] <= v[1] < 1):
+            raise ValueError(f"must be 0 <= low <= high < 1, got {list(v)}")
+        return v
+
+
+class SweepConfig(Section):
+    space: SearchSpace = SearchSpace()
+    num_samples: int = Field(4, gt=0)            # trials
+    max_concurrent_trials: int = Field(2, gt=0)
+    epochs: Optional[int] = Field(None, gt=0)    # per trial (null: train.epochs)
+    metric: Literal["val_top1"] = "val_top1"     # maximised; ASHA stops trials early on it
+    grace_period: int = Field(1, gt=0)           # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = Field(2, gt=1)       # ASHA: keep the top 1/reduction_factor at each rung
+    seed: int = 0                                # of the random search

@@ -1,0 +1,193 @@
+"""`python -m pipeline.submit [--address URL] -- CMD...`: run CMD (e.g. `dvc repro`) on a Ray cluster as a job.
+
+The workspace goes up as the job's `working_dir`, with its `.git` (DVC in the
+job needs the repository): Ray leaves out what `.gitignore` and `.rayignore`
+name, and this adds `.dvcignore`'s patterns and the local caches
+(`EXCLUDES`), so data, DVC's cache, local MLflow stores and Ray results stay
+home. The job reaches the cluster through the `RAY_ADDRESS`
+Ray gives its driver, and the tracking server through `MLFLOW_TRACKING_URI`
+(credentials from this process's environment, `cluster.TRACKING_ENV`); the
+token for the job server comes from `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH`
+with `RAY_AUTH_MODE=token`, as for every Ray client.
+
+Exit status: 0 when the job SUCCEEDED (after its results are unpacked into the
+workspace, see `entry`), 1 when it FAILED or was STOPPED by someone else, 2 for
+bad input (one `error:` line), 128 + the signal number when Ctrl-C or SIGTERM
+stopped it here (the job is stopped first).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import shlex
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .. import cluster, layout, lifecycle, tracking
+from ..config import load_config
+from ..errors import PipelineError
+from . import entry
+
+#: Never uploaded, whatever the ignore files say.
+EXCLUDES = [".venv/", ".dvc/cache/", ".dvc/tmp/", "mlflow/", "ray_results/", "**/__pycache__/", ".bench/"]
+#: Ray's own default excludes for a working_dir, less `.git`.
+DEFAULT_EXCLUDES = (".venv", "venv", "__pycache__")
+QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def say(message: str) -> None:
+    print(f"[submit] {message}", file=sys.stderr, flush=True)
+
+
+def dashboard_address(arg: str | None) -> str:
+    addr = arg or os.environ.get("RAY_API_SERVER_ADDRESS") or ""
+    if not addr:
+        raise PipelineError("--address / RAY_API_SERVER_ADDRESS: the cluster's job server (its dashboard, "
+                            "http://HEAD:8265) is not set")
+    return addr if "://" in addr else f"http://{addr}"
+
+
+def excludes(root: Path) -> list[str]:
+    patterns = list(EXCLUDES)
+    ignore = root / ".dvcignore"
+    if ignore.is_file():
+        patterns += [line.strip() for line in ignore.read_text().splitlines()
+                     if line.strip() and not line.lstrip().startswith("#")]
+    return patterns
+
+
+def runtime_env(root: Path, uri: str, key: str) -> dict:
+    env = {k: os.environ[k] for k in cluster.TRACKING_ENV if k in os.environ}
+    env.update(MLFLOW_TRACKING_URI=uri, IFORMER_PIPELINE_RUN=key, DVC_NO_ANALYTICS="1",
+               MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
+               # Time for the stages to close their MLflow runs after a stop.
+               RAY_JOB_STOP_WAIT_TIME_S="30",
+               # The stages' own `ray.init` adds env vars and py_modules to the job's.
+               RAY_OVERRIDE_JOB_RUNTIME_ENV="1")
+    return {"working_dir": str(root), "excludes": excludes(root), "env_vars": env}
+
+
+def follow_logs(client, job_id: str) -> threading.Thread:
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    def run():
+        try:
+            asyncio.run(tail())
+        except Exception as err:  # the log stream is a convenience; the status decides
+            say(f"log stream ended: {err}")
+
+    thread = threading.Thread(target=run, name="job-logs", daemon=True)
+    thread.start()
+    return thread
+
+
+def wait(client, job_id: str, timeout: float | None = None) -> str:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            return status
+        time.sleep(1.0)
+
+
+def bring_back(root: Path, cfg, uri: str, key: str) -> int:
+    """Unpack the job's results archive (from its MLflow run) into the workspace."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TAG_INVOCATION}` = '{key}'",
+                              max_results=1) if exp else []
+    if not runs:
+        raise PipelineError(f"mlflow: no run of job {key} holds its results")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = client.download_artifacts(runs[0].info.run_id, entry.RESULTS, tmp)
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            tar.extractall(root, filter="data")  # no absolute paths, links out or devices
+    return len(members)
+
+
+def submit(root: Path, command: list[str], address: str | None, params: Path | None) -> int:
+    # `.git` goes up too (Ray leaves it out by default): DVC in the job needs
+    # the repository, and `dvc exp push` from the job its history.
+    os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ",".join(DEFAULT_EXCLUDES)
+    from ray.job_submission import JobSubmissionClient
+
+    for name in QUIET_LOGGERS:  # packaging chatter; the job's log is what we show
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    cfg = load_config(params or root / "params.yaml")
+    uri = tracking.tracking_uri(cfg, root)
+    addr = dashboard_address(address)
+    cluster.check_tracking(cfg, addr)
+    tracking.check_reachable(uri)
+    try:
+        client = JobSubmissionClient(addr)
+    except Exception as err:  # ConnectionError, or an authentication error from Ray
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"--address / RAY_API_SERVER_ADDRESS: cannot reach the job server at {addr} ({first}); "
+                            "a cluster with token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                            "or RAY_AUTH_TOKEN_PATH") from None
+    key = f"iformer-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    entrypoint = shlex.join(["python", "-m", "pipeline.jobs.entry", "--", *command])
+    job_id = client.submit_job(entrypoint=entrypoint, submission_id=key, runtime_env=runtime_env(root, uri, key))
+    say(f"job {job_id} submitted to {addr}: {shlex.join(command)}")
+    logs = None
+    try:
+        lifecycle.handle_signals()
+        logs = follow_logs(client, job_id)
+        status = wait(client, job_id)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP via lifecycle
+        why, code = lifecycle.stop_reason()
+        say(f"{why}: stopping job {job_id}")
+        client.stop_job(job_id)
+        status = wait(client, job_id, timeout=120)
+        say(f"job {job_id} {status}")
+        return code
+    finally:
+        if logs is not None:
+            logs.join(timeout=10)
+    if status != "SUCCEEDED":
+        say(f"job {job_id} {status}" + (f": {client.get_job_info(job_id).message}" if status == "FAILED" else ""))
+        return 1
+    n = bring_back(root, cfg, uri, key)
+    say(f"job {job_id} SUCCEEDED; {n} result files unpacked into {root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print("usage: python -m pipeline.submit [--address URL] [--params FILE] -- CMD...", file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    ap = argparse.ArgumentParser(prog="python -m pipeline.submit")
+    ap.add_argument("--address", default=None, help="the job server (dashboard) URL; default $RAY_API_SERVER_ADDRESS")
+    ap.add_argument("--params", type=Path, default=None)
+    args = ap.parse_args(argv[:split])
+    command = argv[split + 1:]
+    tracking.configure_environment()
+    try:
+        if not command:
+            raise PipelineError("nothing to run after `--` (for example `-- dvc repro`)")
+        return submit(layout.repo_root(), command, args.address, args.params)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

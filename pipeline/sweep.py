@@ -1,0 +1,274 @@
+"""`python -m pipeline.sweep`: a Ray Tune search over the pretrain loop, tracked in MLflow.
+
+Each trial draws values for the `sweep.space` fields from params.yaml's
+ranges and choices and trains them with the pretrain loop as a `TorchTrainer`
+of its own (Train V2: Tune runs a small driver function per trial,
+`tune.with_resources(trial, {"CPU": 0.01})`, and the trainer's workers take
+the trial's real CPUs). ASHA stops weak trials early on `sweep.metric`.
+
+MLflow: one sweep parent run (the search space, the best trial) and one child
+run per trial (its values and per-epoch metrics, logged by the workers as in
+pretrain); a trial ASHA stopped is tagged `iformer.early_stopped`. The best
+trial's values go to `artifacts/sweep/best.yaml` as a params fragment (merge
+its `params` into params.yaml, or make a recipe of it), with
+`artifacts/sweep/manifest.json` written last.
+
+Needs the prepare stage's output. Distillation is not swept. Each running
+trial holds 0.01 CPU besides its workers' `ray.cpus_per_worker`: on nodes
+with a whole number of CPUs, ask for a little less than a whole CPU per worker
+(e.g. 0.5) or a node never has room for a worker next to a trial. Seen with
+Ray 2.60 on the loopback test cluster: the placement group of a trial that
+ASHA stopped can stay reserved after the trial is gone, so leave headroom.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import cluster, layout, lifecycle, tracking
+from .config import Config, load_config, parse_config
+from .config.sweep import SPACE_FIELDS
+from .data import Prepared
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+STAGE = "sweep"
+TAG_TRIAL = "iformer.trial_id"
+TAG_EARLY = "iformer.early_stopped"
+
+
+def overrides(values: dict) -> dict:
+    """{'optim.base_lr': 1e-3, ...} -> the nested params fragment."""
+    nested: dict = {}
+    for dotted, v in values.items():
+        *path, key = dotted.split(".")
+        node = nested
+        for p in path:
+            node = node.setdefault(p, {})
+        node[key] = v
+    return nested
+
+
+def merged(base: dict, values: dict) -> dict:
+    """A copy of the config dict `base` with the trial's dotted `values` set."""
+    out = copy.deepcopy(base)
+    for dotted, v in values.items():
+        *path, key = dotted.split(".")
+        node = out
+        for p in path:
+            node = node[p]
+        node[key] = v
+    return out
+
+
+def check(cfg: Config, root: Path) -> Prepared:
+    prepared = Prepared.load(layout.stage_dir("prepare", root))
+    if cfg.distill.enabled:
+        raise PipelineError("distill.enabled: sweeps train without a teacher; set it to false for the sweep")
+    space = cfg.sweep.space
+    base = cfg.to_dict()
+    # Every corner of the space must be a valid config.
+    corners = [{}]
+    for name, field in SPACE_FIELDS.items():
+        value = getattr(space, name)
+        options = list(value) if value else []
+        if options:
+            corners = [{**c, field: v} for c in corners for v in options]
+    for corner in corners:
+        try:
+            candidate = parse_config(merged(base, corner), "sweep.space")
+        except PipelineError as err:
+            raise PipelineError(f"{err} (a value the sweep would try)") from None
+        if candidate.train.batch_size > prepared.manifest["counts"]["train"]:
+            raise PipelineError(f"sweep.space.batch_size: {candidate.train.batch_size} is larger than the "
+                                f"{prepared.manifest['counts']['train']} training images")
+    cluster.check(cfg)
+    return prepared
+
+
+def param_space(cfg: Config) -> dict:
+    from ray import tune
+
+    s, out = cfg.sweep.space, {}
+    for name, field in SPACE_FIELDS.items():
+        value = getattr(s, name)
+        if not value:
+            continue
+        if name in ("base_lr", "weight_decay"):
+            out[field] = tune.loguniform(*value)
+        elif name == "drop_path":
+            out[field] = tune.uniform(*value)
+        else:
+            out[field] = tune.choice(list(value))
+    return out
+
+
+def trial(values: dict, setup: dict) -> None:
+    """One trial, inside Tune: a TorchTrainer of the pretrain loop with this trial's values."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.train import RunConfig
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.train.v2.api.config import LoggingConfig
+
+    from .train import train_loop_per_worker
+    from .trainer import trainer_class
+
+    cfg = Config.model_validate(merged(setup["cfg"], values))
+    trial_id = tune.get_context().get_trial_id()
+    client = MlflowClient(setup["tracking_uri"])
+    run = client.create_run(setup["experiment_id"], run_name=f"trial {trial_id}",
+                            tags={tracking.TAG_PARENT: setup["parent_run_id"], tracking.TAG_KIND: "sweep-trial",
+                                  TAG_TRIAL: trial_id, tracking.TAG_STAGE: STAGE})
+    from mlflow.entities import Param
+
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+    job = trainer_class()(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "prepared_dir": setup["prepared_dir"], "teacher_path": None,
+                           "tracking_uri": setup["tracking_uri"], "run_id": run.info.run_id},
+        scaling_config=cluster.scaling_config(cfg), torch_config=cluster.torch_config(cfg),
+        run_config=RunConfig(name=f"{setup['name']}-{trial_id}", storage_path=setup["storage_path"],
+                             callbacks=[TuneReportCallback()], logging_config=LoggingConfig(log_level="WARNING")))
+    try:
+        job.fit()
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def run(cfg: Config, root: Path, prepared: Prepared) -> Path:
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    s = cfg.sweep
+    epochs = s.epochs or cfg.train.epochs
+    base = cfg.to_dict()
+    base["train"]["epochs"] = epochs
+    name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = tracking.tracking_uri(cfg, root)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.mlflow.experiment, artifact_location=tracking.artifact_location(root) if uri.startswith("sqlite:") else None)
+    parent = client.create_run(exp_id, run_name=name, tags={
+        tracking.TAG_KIND: "sweep", tracking.TAG_REPO: str(layout.state_root(root)), tracking.TAG_OWNER: tracking.owner(),
+        "iformer.git_commit": tracking.git_commit(root), "iformer.params_hash": cfg.params_hash()}).info.run_id
+    client.log_dict(parent, s.model_dump(mode="json"), "sweep/config.yaml")
+    status = "FAILED"
+    try:
+        setup = {"cfg": base, "prepared_dir": str(prepared.dir), "tracking_uri": uri, "experiment_id": exp_id,
+                 "parent_run_id": parent, "name": name, "storage_path": cluster.storage_path(cfg, root)}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trial, setup=setup), {"CPU": 0.01}),
+            param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=s.metric, mode="max", num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials,
+                scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs),
+                                        reduction_factor=s.reduction_factor),
+                search_alg=BasicVariantGenerator(random_state=s.seed)),
+            run_config=tune.RunConfig(name=name, storage_path=setup["storage_path"], verbose=0))
+        log_file = cluster.run_dir(cfg, root, name) / "ray.log"
+        with cluster.session(cfg, root, STAGE, log_file):
+            log.info("%d trials, %d at a time, %d epochs each (Ray's log: %s)", s.num_samples, s.max_concurrent_trials,
+                     epochs, log_file)
+            results = tuner.fit()
+        best = summarize(client, exp_id, parent, results, s.metric, epochs)
+        path = write_best(cfg, root, name, parent, best, s.metric)
+        status = "FINISHED"
+        return path
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(parent, status)
+
+
+def summarize(client, exp_id: str, parent: str, results, metric: str, epochs: int) -> dict:
+    """Close every trial's MLflow run, log the sweep's outcome on the parent; the best trial."""
+    from .tracking import metric_batch
+
+    children = {r.data.tags.get(TAG_TRIAL): r for r in
+                client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent}'", max_results=1000)}
+    rows = []
+    for result in results:
+        trial_id = result.metrics.get("trial_id") if result.metrics else None
+        epochs_done = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        value = result.metrics.get(metric) if result.metrics else None
+        run = children.get(trial_id)
+        if run is not None:
+            early = result.error is None and epochs_done < epochs
+            client.set_tag(run.info.run_id, TAG_EARLY, str(early).lower())
+            # Tune's word, not the trial's: a trial ASHA stops is interrupted
+            # mid-fit (or killed) and may have closed its run as FAILED, or not at all.
+            client.set_terminated(run.info.run_id, "FAILED" if result.error is not None else "FINISHED")
+        rows.append({"trial": trial_id, "values": {k: v for k, v in result.config.items()}, "epochs": epochs_done,
+                     metric: value, "error": None if result.error is None else str(result.error).splitlines()[0],
+                     "mlflow_run_id": run.info.run_id if run is not None else None})
+        log.info("trial %s: %s %s after %d epochs%s", trial_id, metric,
+                 "n/a" if value is None else f"{value:.4f}", epochs_done, " (stopped early)" if epochs_done < epochs else "")
+    done = [r for r in rows if r[metric] is not None and r["error"] is None]
+    if not done:
+        raise PipelineError(f"sweep: no trial finished an epoch ({rows[0]['error'] if rows else 'no trials ran'})")
+    best = max(done, key=lambda r: r[metric])
+    client.log_batch(parent, metrics=metric_batch({f"best_{metric}": best[metric], "trials": len(rows),
+                                                   "trials_stopped_early": sum(r["epochs"] < epochs for r in done)}))
+    client.log_dict(parent, rows, "sweep/trials.json")
+    client.set_tag(parent, "iformer.best_trial_run", best["mlflow_run_id"] or "")
+    return best
+
+
+def write_best(cfg: Config, root: Path, name: str, parent: str, best: dict, metric: str) -> Path:
+    out = layout.stage_dir(STAGE, root)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    body = {"sweep": name, "metric": metric, "value": best[metric], "epochs": best["epochs"],
+            "trial": best["trial"], "mlflow_run_id": best["mlflow_run_id"], "mlflow_parent_run_id": parent,
+            "params": overrides(best["values"])}
+    path = out / "best.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(f"# The best trial of {name}; merge `params` into params.yaml to train with it.\n"
+                   + yaml.safe_dump(body, sort_keys=False))
+    tmp.replace(path)
+    manifest = out / "manifest.json.tmp"
+    manifest.write_text(json.dumps({"stage": STAGE, "sweep": name, "mlflow_parent_run_id": parent,
+                                    "best": "best.yaml"}, indent=2) + "\n")
+    manifest.replace(out / "manifest.json")
+    log.info("best: %s %.4f with %s -> %s", metric, best[metric], best["values"], path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.sweep")
+    ap.add_argument("--params", type=Path, default=None, help="params file (default: params.yaml at the repo root)")
+    args = ap.parse_args(argv)
+    lifecycle.install()
+    tracking.configure_environment()
+    logging.basicConfig(level=logging.INFO, format=f"[{STAGE}] %(message)s", stream=sys.stderr)
+    root = layout.repo_root()
+    try:
+        cfg = load_config(args.params or root / "params.yaml")
+        tracking.check_reachable(tracking.tracking_uri(cfg, root))
+        run(cfg, root, check(cfg, root))
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        why, status = lifecycle.stop_reason()
+        print(f"error: {STAGE}: interrupted ({why})", file=sys.stderr)
+        return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""A real 2-node Ray cluster and a real MLflow tracking server on loopback, for the cluster tests.
+
+Each node is a `ray start --block` in its own session, with its own temp dir,
+CPU budget and free ports, and `--node-ip-address 127.0.0.1`; the dashboard
+(Ray's job server) listens on 127.0.0.1 and token authentication is on, with
+the token in the test's temp dir. (With more than one node Ray runs in its
+cluster mode, where its GCS and raylet gRPC servers listen on every interface
+of the machine; only token holders get an answer from them.) Every process of
+a node carries the node's marker in its environment (`IFORMER_TEST_NODE`), so
+a node is stopped by the PIDs that carry it — never by `ray stop`, which would
+stop every Ray on the machine.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+MARKER = "IFORMER_TEST_NODE"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def marked(value: str) -> list[psutil.Process]:
+    """This machine's processes whose environment carries `MARKER=value` (only ours are readable)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARKER) == value:
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def kill_marked(value: str, grace: float = 10.0) -> None:
+    procs = marked(value)
+    for p in procs:
+        try:
+            p.terminate() if grace > 0 else p.kill()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=max(grace, 1.0))
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+class Node:
+    def __init__(self, name: str, proc: subprocess.Popen, marker: str, temp_dir: Path, log: Path):
+        self.name, self.proc, self.marker, self.temp_dir, self.log = name, proc, marker, temp_dir, log
+        self.stopped = False
+
+    def pids(self) -> set[int]:
+        return {p.pid for p in marked(self.marker)}
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Every process of this node, by PID: SIGTERM, then SIGKILL after `grace` s (0: a crash)."""
+        self.stopped = True
+        kill_marked(self.marker, grace)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+class LoopbackCluster:
+    """A head and `workers` more nodes on 127.0.0.1, `cpus` CPUs each, token auth on."""
+
+    def __init__(self, base: Path, cpus: int = 1):
+        self.base = base
+        self.cpus = cpus
+        # Unix socket paths are limited to ~107 bytes: the session dirs go under /tmp.
+        self.short = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+        self.token_path = base / "ray_token"
+        self.token_path.touch(mode=0o600)
+        self.token_path.write_text(secrets.token_hex(32))
+        self.nodes: list[Node] = []
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict:
+        """What a client of this cluster needs: the address and the token, nothing else of ours."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path), RAY_USAGE_STATS_ENABLED="0",
+                   RAY_ADDRESS=self.address)
+        env.pop(MARKER, None)
+        return env
+
+    def _start(self, name: str, head: bool) -> Node:
+        temp_dir = self.short / name
+        temp_dir.mkdir()
+        marker = f"{self.short}/{name}"
+        log = self.base / f"ray-{name}.log"
+        args = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
+                "--num-cpus", str(self.cpus), "--temp-dir", str(temp_dir), "--disable-usage-stats",
+                "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+                "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+                "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+        if head:
+            args += ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
+                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                     "--ray-client-server-port", str(free_port())]
+        else:
+            args += ["--address", self.address]
+        env = {**self.env, MARKER: marker}
+        env.pop("RAY_ADDRESS")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        node = Node(name, proc, marker, temp_dir, log)
+        self.nodes.append(node)
+        return node
+
+    def start(self, nodes: int = 2) -> "LoopbackCluster":
+        self._start("head", head=True)
+        wait_for(lambda: self._alive_nodes() >= 1, 120, f"the head node ({self.nodes[0].log})")
+        for i in range(1, nodes):
+            self._start(f"node{i}", head=False)
+        wait_for(lambda: self._alive_nodes() >= nodes, 120, f"{nodes} nodes ({self.base})")
+        return self
+
+    def _alive_nodes(self) -> int:
+        for node in self.nodes:
+            if not node.stopped and node.proc.poll() is not None:
+                raise AssertionError(f"ray start for {node.name} exited: {node.log.read_text()[-3000:]}")
+        out = subprocess.run([sys.executable, "-c", "import ray, json; ray.init(); "
+                              "print(sum(n['Alive'] for n in ray.nodes()))"],
+                             env=self.env, capture_output=True, text=True, timeout=120)
+        lines = out.stdout.strip().splitlines()
+        return int(lines[-1]) if out.returncode == 0 and lines and lines[-1].isdigit() else 0
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if not node.stopped or node.proc.poll() is None:
+                node.stop()
+        shutil.rmtree(self.short, ignore_errors=True)
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1: sqlite backend, artifacts served from a local dir."""
+
+    def __init__(self, base: Path):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = base / "mlflow-server.log"
+        args = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{base / 'mlflow-server.db'}", "--serve-artifacts",
+                "--artifacts-destination", str(base / "mlflow-artifacts"), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._healthy, 120, f"the MLflow server ({self.log})")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited: {self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+
+def ray_query(cluster: LoopbackCluster, code: str, timeout: float = 120):
+    """Run `code` (which prints one JSON line last) in a Ray driver of `cluster`; its value."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", "import json, ray\nray.init()\n" + code], env=cluster.env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+#: Per Ray Train worker that ever ran on the cluster: [pid, node_id, state].
+TRAIN_WORKERS = """
+from ray.util.state import list_actors
+actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, raise_on_missing_output=False)
+print(json.dumps([[a.pid, a.node_id, a.state] for a in actors]))
+"""
+ALIVE_NODES = "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-node loopback cluster (one CPU per node) with an MLflow server and a shared storage dir."""
+    base = tmp_path_factory.mktemp("cluster")
+    ray_cluster = LoopbackCluster(base, cpus=1)
+    server = None
+    try:
+        ray_cluster.start(nodes=2)
+        server = MlflowServer(base)
+        ray_cluster.mlflow = server
+        ray_cluster.storage = base / "shared-storage"  # what every node reaches (NFS/S3 on a real cluster)
+        yield ray_cluster
+    finally:
+        if server is not None:
+            server.stop()
+        ray_cluster.stop()
+
+
+def cluster_repo(path: Path, cluster: LoopbackCluster, over: dict | None = None):
+    """A tiny repo whose pretrain runs 2 workers on `cluster`, tracked by its MLflow server."""
+    import copy
+
+    from conftest import TINY, deep_update, make_repo
+
+    params = deep_update(copy.deepcopy(TINY), {
+        "ray": {"address": cluster.address, "num_workers": 2, "cpus_per_worker": 1.0,
+                "storage_path": str(cluster.storage)},
+        "mlflow": {"tracking_uri": cluster.mlflow.uri},
+    })
+    repo = make_repo(path, deep_update(params, over or {}))
+    repo.env.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_AUTH")})
+    return repo

@@ -1,0 +1,47 @@
+"""The pipeline on a real 2-node Ray cluster (loopback, token auth) with a real MLflow tracking server.
+
+One cluster and one tracking server serve the whole module: a head and a
+second node with one CPU each, so two training workers with one CPU each can
+only run one per node.
+"""
+import json
+
+import pytest
+
+from cluster_fixture import ALIVE_NODES, TRAIN_WORKERS, cluster, cluster_repo, ray_query  # noqa: F401 (fixture)
+from pipeline import tracking
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_cluster_run_refuses_a_local_tracking_store(tmp_path, cluster):
+    repo = cluster_repo(tmp_path / "repo", cluster, {"mlflow": {"tracking_uri": None}})
+    repo.stage("prepare")
+    out = repo.stage_error("pretrain", "mlflow.tracking_uri")
+    assert "sqlite:///" in out.stderr and "cannot log to" in out.stderr
+    assert not (repo.path / "mlflow").exists() or repo.runs("tags.`iformer.stage` = 'pretrain'") == []
+
+
+def test_pretrain_runs_its_two_workers_on_two_nodes_and_logs_to_the_tracking_server(tmp_path, cluster):
+    repo = cluster_repo(tmp_path / "repo", cluster)
+    repo.stage("prepare")
+    before = {pid for pid, _, _ in ray_query(cluster, TRAIN_WORKERS)}
+    out = repo.stage("pretrain")
+    assert "rank 0/2" in out.stderr, out.stderr[-3000:]
+
+    workers = [w for w in ray_query(cluster, TRAIN_WORKERS) if w[0] not in before]
+    nodes = ray_query(cluster, ALIVE_NODES)
+    assert len(workers) == 2 and len(nodes) == 2, (workers, nodes)
+    assert sorted(node for _, node, _ in workers) == nodes, "one worker on each node"
+
+    manifest = json.loads((repo.path / "artifacts/pretrain/manifest.json").read_text())
+    assert manifest["ray_storage_path"] == str(cluster.storage)
+    assert list((cluster.storage / manifest["ray_run_name"]).glob("checkpoint_*")) or \
+        list((cluster.storage / manifest["ray_run_name"]).rglob("state.pt"))
+    client = cluster.mlflow.client()
+    run = client.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_STAGE] == "pretrain"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+    assert steps == [1, 2], steps
+    assert client.get_run(manifest["mlflow_parent_run_id"]).info.status == "FINISHED"
+    assert not (repo.path / "mlflow").exists(), "nothing went to a local store"
