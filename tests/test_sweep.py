@@ -36,7 +36,7 @@ def test_an_asha_sweep_logs_each_trial_under_one_parent_and_writes_the_best_conf
     assert all(t.info.status == "FINISHED" for t in trials), [t.info.status for t in trials]
     for t in trials:  # per-epoch metrics from the trial's workers, one value per epoch
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "val_top1")]
-        assert steps == list(range(len(steps))) and 1 <= len(steps) <= 2, steps
+        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 2, steps
         assert (t.data.tags[TAG_EARLY] == "true") == (len(steps) < 2)
     winner = client.get_run(best["mlflow_run_id"])
     assert max(winner.data.metrics["val_top1"] for _ in [0]) == pytest.approx(best["value"])
