@@ -327,7 +327,7 @@ def prune_run(cfg, root: Path, name: str) -> int:
     """
     import shutil
 
-    if "://" in storage_path(cfg, root):
+    if not cfg.ray.prune_checkpoints or "://" in storage_path(cfg, root):
         return 0
     run = run_dir(cfg, root, name)
     freed = 0

@@ -157,7 +157,8 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         "pretrain", root, srun,
         ray_run_name=inputs.run_name,
         ray_storage_path=cluster.storage_path(cfg, root),
-        ray_checkpoint=None,  # pruned after success: the weights are model.pt
+        # pruned after success unless ray.prune_checkpoints is off: the weights are model.pt
+        ray_checkpoint=None if cfg.ray.prune_checkpoints else state.get("ray_checkpoint"),
         registered_model={"name": registry.model_name(cfg), "version": version},
         checkpoint="model.pt",
         checkpoint_sha256=digest,

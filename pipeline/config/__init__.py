@@ -152,6 +152,9 @@ class RayConfig(Section):
     # Local Ray only: CPU niceness of its daemons (gcs, dashboard, agents, the
     # Train controller) so they yield to the training workers; 0 leaves them be.
     local_daemon_niceness: int = Field(10, ge=0, le=19)
+    # After a stage succeeds, delete its Ray checkpoints (they only serve resuming an
+    # interrupted run; the weights are the stage's artifact). false keeps them.
+    prune_checkpoints: bool = True
 
 
 class EvaluateConfig(Section):
