@@ -228,3 +228,27 @@ def test_compute_plan_summary_from_a_fake_plan():
 def test_compute_plan_is_skipped_with_the_reason_off_macos(tmp_path):
     assert compute_plan.plan_for(tmp_path / "any.mlpackage") == {
         "skipped": "MLComputePlan needs macOS (Core ML framework); this host runs Linux"}
+
+
+def test_onnx_check_scales_the_tolerance_with_the_output(tmp_path):
+    import onnx as onnx_lib
+    from onnx import TensorProto, helper
+
+    import torch
+
+    from pipeline.deploy import onnx as onnx_check
+    from pipeline.errors import PipelineError
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "identity.onnx"
+    onnx_lib.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    x = torch.tensor([[100.0, -50.0, 1.0, 0.0]])
+    # 5e-3 off an output reaching 100 is 5e-5 of its scale: FP32 noise on deep features.
+    assert onnx_check.max_abs_diff(path, x, [x + 5e-3], 1e-4) == {"y": pytest.approx(5e-3, rel=1e-3)}
+    with pytest.raises(PipelineError, match="identity.onnx: ONNX Runtime differs from torch by 0.0005 of the output"):
+        onnx_check.max_abs_diff(path, x, [x + 5e-2], 1e-4)
+    small = torch.tensor([[0.5, 0.1, 0.0, 0.0]])  # below 1 the tolerance stays absolute
+    with pytest.raises(PipelineError):
+        onnx_check.max_abs_diff(path, small, [small + 2e-4], 1e-4)

@@ -135,7 +135,15 @@ def _all_gone(procs: list[psutil.Process], timeout: float = 30) -> list[str]:
 def _trainer_started(proc) -> bool:
     """True once a Ray Train worker runs below `proc` (a Popen or a psutil.Process)."""
     assert _alive(psutil.Process(proc.pid)), "the stage ended early"
-    return any(p.cmdline() and p.cmdline()[0].startswith("ray::RayTrainWorker") for p in _descendants(proc.pid))
+    return any(_cmdline(p).startswith("ray::RayTrainWorker") for p in _descendants(proc.pid))
+
+
+def _cmdline(p: psutil.Process) -> str:
+    """The command line, or "" for a process that ended since it was listed."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def _start(repo, *cmd):
@@ -203,7 +211,7 @@ def test_killing_dvc_stops_the_trainer_and_the_next_repro_resumes(tmp_path):
                        for p in (repo.path / "ray_results").glob("pretrain-*/checkpoint_manager_snapshot.json"))
 
         _wait_for(first_epoch_recorded, 600, "the first epoch's checkpoint")
-        stage = next(p for p in psutil.Process(dvc.pid).children() if "stages.pretrain" in " ".join(p.cmdline()))
+        stage = next(p for p in psutil.Process(dvc.pid).children() if "stages.pretrain" in _cmdline(p))
         family = [stage, *stage.children(recursive=True)]
         assert not (repo.path / "artifacts/pretrain/manifest.json").exists(), "killed while training"
         os.kill(dvc.pid, signal.SIGKILL)  # as the OOM killer or a closed terminal would
@@ -226,7 +234,7 @@ def test_ctrl_c_stops_the_pipeline_and_marks_its_runs_killed(fast_repo):
     dvc = _start(repo, "dvc", "repro")
     try:
         stage = _wait_for(lambda: next((p for p in psutil.Process(dvc.pid).children()
-                                        if "stages.pretrain" in " ".join(p.cmdline())), None), 300, "pretrain")
+                                        if "stages.pretrain" in _cmdline(p)), None), 300, "pretrain")
         _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
         family = [stage, *stage.children(recursive=True)]
         os.killpg(dvc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -262,7 +270,7 @@ def test_sigkilled_stage_takes_its_ray_along_and_its_runs_are_closed_next_time(f
 def test_a_dead_training_worker_ends_in_one_error_line(fast_repo):
     repo = fast_repo
     with training(repo) as stage:
-        worker = next(p for p in _descendants(stage.pid) if p.cmdline()[0].startswith("ray::RayTrainWorker"))
+        worker = next(p for p in _descendants(stage.pid) if _cmdline(p).startswith("ray::RayTrainWorker"))
         time.sleep(2)
         worker.kill()
         _, err = stage.communicate(timeout=300)

@@ -19,7 +19,7 @@ class CoreMLExportConfig(Section):
 
 class OnnxExportConfig(Section):
     opset: int = Field(18, ge=17)
-    tolerance: float = Field(1e-4, gt=0.0)  # max |ONNX Runtime - torch| in FP32
+    tolerance: float = Field(1e-4, gt=0.0)  # max |ONNX Runtime - torch| / max(1, max |torch|), FP32
 
 
 class ExportConfig(Section):
