@@ -20,12 +20,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+
+from conftest import wait_for  # noqa: F401 (the cluster tests import it from here)
 
 VENV_BIN = Path(sys.executable).parent
 MARKER = "IFORMER_TEST_NODE"
@@ -35,16 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def marked(value: str) -> list[psutil.Process]:

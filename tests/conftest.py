@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,17 @@ TINY = {
     "train": {"epochs": 2, "log_every_batches": 50},
     "mlflow": {"log_model": False},
 }
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """`predicate()`'s first truthy value, polled every 0.5 s; an AssertionError after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def deep_update(base: dict, over: dict) -> dict:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import psutil
 import pytest
 
-from conftest import make_repo
+from conftest import make_repo, wait_for
 from pipeline import tracking
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_training_with_two_workers_listens_on_loopback_only(tmp_path):
     # Two ranks meet at torch's rendezvous store, which Ray's torch backend would bind to `::`.
     repo = make_repo(tmp_path / "repo", {**FAST, "ray": {"num_workers": 2, "cpus_per_worker": 1.0}})
     with training(repo) as stage:
-        _wait_for(lambda: any("epoch-0001" in p.read_text() for p in
+        wait_for(lambda: any("epoch-0001" in p.read_text() for p in
                               (repo.path / "ray_results").glob("pretrain-*/checkpoint_manager_snapshot.json")),
                   600, "the first epoch's checkpoint")
         listeners = []
@@ -102,16 +102,6 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -164,7 +154,7 @@ def training(repo):
     repo.stage("prepare")
     stage = _start(repo, sys.executable, "-m", "stages.pretrain")
     try:
-        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
+        wait_for(lambda: _trainer_started(stage), 300, "the trainer")
         yield stage
     finally:
         _kill_group(stage.pid)  # whatever a failed assertion left running
@@ -210,7 +200,7 @@ def test_killing_dvc_stops_the_trainer_and_the_next_repro_resumes(tmp_path):
             return any("epoch-0001" in p.read_text()
                        for p in (repo.path / "ray_results").glob("pretrain-*/checkpoint_manager_snapshot.json"))
 
-        _wait_for(first_epoch_recorded, 600, "the first epoch's checkpoint")
+        wait_for(first_epoch_recorded, 600, "the first epoch's checkpoint")
         stage = next(p for p in psutil.Process(dvc.pid).children() if "stages.pretrain" in _cmdline(p))
         family = [stage, *stage.children(recursive=True)]
         assert not (repo.path / "artifacts/pretrain/manifest.json").exists(), "killed while training"
@@ -233,9 +223,9 @@ def test_ctrl_c_stops_the_pipeline_and_marks_its_runs_killed(fast_repo):
     repo = fast_repo
     dvc = _start(repo, "dvc", "repro")
     try:
-        stage = _wait_for(lambda: next((p for p in psutil.Process(dvc.pid).children()
+        stage = wait_for(lambda: next((p for p in psutil.Process(dvc.pid).children()
                                         if "stages.pretrain" in _cmdline(p)), None), 300, "pretrain")
-        _wait_for(lambda: _trainer_started(stage), 300, "the trainer")
+        wait_for(lambda: _trainer_started(stage), 300, "the trainer")
         family = [stage, *stage.children(recursive=True)]
         os.killpg(dvc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         out, err = dvc.communicate(timeout=120)
