@@ -5,8 +5,8 @@
   KILLED, the local Ray is shut down with its workers, no manifest is written.
   (A KeyboardInterrupt because Ray's blocking calls turn exactly that, and no
   other exception from a signal handler, into an interruption.)
-- A watchdog thread notices when the process that started the stage (`dvc`) is
-  gone — `kill -9` of `dvc repro`, or SIGTERM, which DVC does not forward — and
+- A watchdog thread notices when the process that started the stage (`dvc`,
+  and any shell DVC put in between) is gone — `kill -9` of `dvc repro`, or SIGTERM, which DVC does not forward — and
   interrupts the stage within about a second: no trainer outlives its pipeline.
   (DVC ignores a SIGINT sent to its PID alone while a stage runs; Ctrl-C in a
   terminal reaches the whole process group and stops the stage.)
@@ -58,15 +58,64 @@ def handle_signals() -> None:
         signal.signal(sig, _raise)
 
 
+def dvc_process():
+    """The `dvc` process this stage runs under, if any (psutil.Process)."""
+    try:
+        import psutil
+
+        for proc in psutil.Process().parents():
+            cmd = proc.cmdline()
+            if any(os.path.basename(a) == "dvc" for a in cmd[:3]) or cmd[1:3] == ["-m", "dvc"]:
+                return proc
+    except Exception:  # psutil may be denied on some systems: fall back to standalone
+        pass
+    return None
+
+
+def _ancestors() -> list:
+    """The processes whose death ends this stage: every ancestor up to `dvc`, or the parent.
+
+    DVC runs a stage through `$SHELL -c` (or `/bin/sh -c` when SHELL is unset);
+    bash execs the command, dash keeps a shell in between that outlives a
+    killed `dvc`, so watching the direct parent alone is not enough.
+    """
+    import psutil
+
+    me = psutil.Process()
+    owner = dvc_process()
+    if owner is None:
+        return [me.parent()] if me.parent() else []
+    chain = []
+    for proc in me.parents():
+        chain.append(proc)
+        if proc.pid == owner.pid:
+            break
+    return chain
+
+
+def _gone(proc) -> bool:
+    import psutil
+
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 def install() -> None:
     """Signal handlers and the parent watchdog for this stage process (main thread only)."""
     handle_signals()
     parent = os.getppid()
+    try:
+        watched = _ancestors()
+    except Exception:  # psutil denied: the re-parenting check alone
+        watched = []
 
     def watch() -> None:
         ev = threading.Event()
         while not ev.wait(1.0):
-            if os.getppid() != parent:  # re-parented: whoever started us is gone
+            # re-parented, or an ancestor up to `dvc` is gone (or a zombie): whoever started us is gone
+            if os.getppid() != parent or any(_gone(p) for p in watched):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import layout, store
+from . import layout, lifecycle, store
 from .errors import PipelineError
 
 TAG_KIND = "iformer.kind"
@@ -86,20 +86,6 @@ def dvc_experiment() -> str:
     return os.environ.get("DVC_EXP_NAME", "")
 
 
-def _dvc_process():
-    """The `dvc` process this stage runs under, if any."""
-    try:
-        import psutil
-
-        for proc in psutil.Process().parents():
-            cmd = proc.cmdline()
-            if any(os.path.basename(a) == "dvc" for a in cmd[:3]) or cmd[1:3] == ["-m", "dvc"]:
-                return proc
-    except Exception:  # psutil may be denied on some systems: fall back to standalone
-        pass
-    return None
-
-
 def _started_ms(pid: int) -> int | None:
     import psutil
 
@@ -118,7 +104,7 @@ def invocation_key() -> str:
     explicit = os.environ.get("IFORMER_PIPELINE_RUN")
     if explicit:
         return explicit
-    proc = _dvc_process()
+    proc = lifecycle.dvc_process()
     if proc is not None:
         return f"dvc:{proc.pid}:{_started_ms(proc.pid)}:{dvc_experiment()}"
     return f"standalone:{os.getpid()}:{int(time.time() * 1000)}"
@@ -212,7 +198,7 @@ def _parent_run(client, exp_id: str, cfg, root: Path, stage: str) -> str:
     if found:
         return found[0].info.run_id
     exp_name = dvc_experiment()
-    dvc_proc = _dvc_process() if key.startswith("dvc:") else None
+    dvc_proc = lifecycle.dvc_process() if key.startswith("dvc:") else None
     name = exp_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
     commit = git_commit(root)
     changed = baseline.differing(cfg, root)
