@@ -1,9 +1,11 @@
 """The model layer: timm's IFormer measured against the paper, fused, reloaded."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from iformer.models import build_model, count_params, fused_copy, gmacs
-from iformer.reference import PAPER, reference_for
+from iformer.reference import ALL_BASELINES, BASELINES, PAPER, TABLE18, reference_for
 
 # Table 15: params (M) and GMACs at 224x224 with the 1000-class head.
 # iFormer-L: the paper prints 2.63 GMACs, but the official code (and timm, which
@@ -65,6 +67,35 @@ def test_reference_table_is_consistent_with_table3():
     assert reference_for("iformer_m").ap_box == 40.8 and reference_for("iformer_m").miou == 42.4
     for v, (params_m, _) in TABLE15.items():
         assert PAPER[v].params_m == params_m
+
+
+def test_other_networks_are_listed_once_with_their_table():
+    names = [b.model for b in ALL_BASELINES]
+    assert len(names) == len(set(names))
+    assert {b.table for b in BASELINES} == {3} and {b.table for b in TABLE18} == {18}
+    failed = {b.model for b in TABLE18 if b.latency_ms is None}
+    assert failed == {"EMO-5M (2023)", "MobileViTV2-1.0 (2022)", "CMT-Ti (2022)"}
+
+
+PAPER_MD = Path(__file__).resolve().parents[2] / "shared/paper/iformer-paper.md"
+
+
+@pytest.mark.skipif(not PAPER_MD.is_file(), reason="the paper's text is not beside this checkout")
+def test_every_table18_row_of_another_network_is_ours_as_printed():
+    text = PAPER_MD.read_text()
+    table = text[text.index("Table 18: **"):].split("\n\n")[1]
+    ours = {b.model.replace("†", ""): b for b in ALL_BASELINES}
+    rows = [line.split("\t") for line in table.splitlines()[1:] if "iFormer" not in line]
+    assert len(rows) == len(ALL_BASELINES)  # every Table 3 network is in Table 18 too
+    for model, params, _gmacs, latency, reso, epochs, top1 in rows:
+        mine = ours[model.replace(" <sup>†</sup>", "")]
+        assert (mine.params_m, mine.resolution, mine.epochs, mine.top1) == (
+            float(params), int(reso), int(epochs), float(top1)), model
+        printed = None if latency == "Failed" else float(latency)
+        if model.startswith("RepViT-M1.5"):  # the one network the two tables disagree on
+            assert (mine.table, mine.latency_ms, printed) == (3, 1.54, 1.64)
+        else:
+            assert mine.latency_ms == printed, model
 
 
 def test_a_teacher_of_another_architecture_is_summarised_not_dumped(tmp_path):

@@ -98,4 +98,4 @@ def pareto_section(backend: str, image: str, points: list[dict]) -> list[str]:
     front = [p["run"] for p in points if p["on_front"]]
     return ["", f"### Accuracy vs latency: {backend}", "", f"![accuracy vs latency on {backend}]({image})", "",
             f"Left: our runs measured on `{backend}`, Pareto front: {', '.join(front) or '–'}. Right: the paper's "
-            "Table 3 (iPhone 13, Core ML, ImageNet-1K), reference figures not measured here."]
+            "Tables 3 and 18 (iPhone 13, Core ML, ImageNet-1K), reference figures not measured here."]
