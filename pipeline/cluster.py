@@ -48,6 +48,8 @@ TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 #: The local Ray's token file; its path in a process's environment marks that
 #: process as this run's (see `lifecycle.reaper`).
 TOKEN_FILE = "auth_token"
+#: Where Ray's processes find the state API (the dashboard) of the local Ray.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 #: What the workers need to reach the tracking server; credentials come from
 #: the driver's environment, never from params.yaml.
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
@@ -134,6 +136,12 @@ def _connect(cfg, addr: str) -> None:
                             "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH in the environment") from None
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start_local(cfg, tmp: Path) -> None:
     token = tmp / TOKEN_FILE
     token.touch(mode=0o600)
@@ -155,14 +163,22 @@ def _start_local(cfg, tmp: Path) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+    # Ray's processes find the state API (in the dashboard) by scanning the
+    # machine for a gcs_server unless told where it is; with a second Ray on
+    # the machine (another pipeline, a test cluster) that scan fails inside
+    # Train V2's placement-group cleaner, whose placement groups then stay
+    # reserved and starve the next worker group. So: our port, said outright.
+    api = f"http://127.0.0.1:{_free_loopback_port()}"
+    os.environ[API_SERVER_ENV] = api
     ray.init(
         num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
         # The dashboard hosts Ray's state API, which Train V2's controller and
         # Tune poll; without it they warn in a loop (or hang).
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=int(api.rsplit(":", 1)[1]),
         _temp_dir=str(tmp),
-        runtime_env={"env_vars": _runtime_env_vars()},
+        runtime_env={"env_vars": {**_runtime_env_vars(), API_SERVER_ENV: api}},
         configure_logging=False,
         log_to_driver=True,
     )
@@ -207,6 +223,7 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[None]:
             if ray.is_initialized():
                 ray.shutdown()
             if tmp is not None:
+                os.environ.pop(API_SERVER_ENV, None)
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
