@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, scaling):
     """`loop(loop_config)` on every worker of `scaling`; returns Ray's Result."""
+    from ray.exceptions import RayError
     from ray.train import TrainingFailedError
 
     job = trainer_class()(loop, train_loop_config=loop_config, scaling_config=scaling,
@@ -29,6 +30,8 @@ def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, sca
             return job.fit()
         except TrainingFailedError as err:
             raise PipelineError(training_failure(err, cfg, log_file)) from None
+        except RayError as err:  # the run's controller itself died (Ray's OOM killer, a lost head node)
+            raise PipelineError(controller_failure(err, log_file)) from None
 
 
 def trainer_class():
@@ -46,6 +49,17 @@ def trainer_class():
             return None
 
     return Trainer
+
+
+def controller_failure(err, log_file: Path) -> str:
+    """One line for a Ray Train run whose controller actor is gone."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    if len(first) > 240:
+        first = first[:240] + "…"
+    hint = (" (the machine ran low on memory: run fewer things at once, or lower data.loader_workers or the batch size)"
+            if type(err).__name__ == "OutOfMemoryError" else "")
+    return (f"ray: the Ray Train run was lost: {type(err).__name__}: {first}{hint}; rerun `dvc repro` to resume "
+            f"from the last checkpoint (details: {log_file})")
 
 
 def training_failure(err, cfg, log_file: Path) -> str:
