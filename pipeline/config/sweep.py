@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Pair, Section, ordered_pair
 
@@ -34,8 +34,17 @@ class SearchSpace(Section):
         return v
 
 
+class SweepLatency(Section):
+    # Time every variant the sweep may try (fused, batch 1, CPU; runs/warmup/threads from the
+    # `latency` section) before training. null: accuracy only.
+    backend: Optional[Literal["torch", "onnxruntime"]] = None
+    size: int = Field(224, ge=32)                  # input size timed (the paper's latency is at 224)
+    budget_ms: Optional[float] = Field(None, gt=0)  # variants slower than this are left out of the search
+
+
 class SweepConfig(Section):
     space: SearchSpace = SearchSpace()
+    latency: SweepLatency = SweepLatency()
     num_samples: int = Field(4, gt=0)            # trials
     max_concurrent_trials: int = Field(2, gt=0)
     epochs: Optional[int] = Field(None, gt=0)    # per trial (null: train.epochs)
@@ -43,3 +52,9 @@ class SweepConfig(Section):
     grace_period: int = Field(1, gt=0)           # ASHA: epochs every trial runs before it may be stopped
     reduction_factor: int = Field(2, gt=1)       # ASHA: keep the top 1/reduction_factor at each rung
     seed: int = 0                                # of the random search
+
+    @model_validator(mode="after")
+    def _budget_needs_backend(self):
+        if self.latency.budget_ms is not None and self.latency.backend is None:
+            raise ValueError("sweep.latency.budget_ms needs sweep.latency.backend (torch or onnxruntime)")
+        return self

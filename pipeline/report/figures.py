@@ -43,13 +43,16 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both lower latency and higher accuracy."""
+    """Indices of the points no other point dominates (as fast and as accurate, and better in one).
+
+    Equal points (two runs of one model scoring the same) are all on the front.
+    """
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], float("-inf")
+    front, last = [], None
     for i in order:
-        if points[i][1] > best:
+        if last is None or points[i][1] > last[1] or points[i] == last:
             front.append(i)
-            best = points[i][1]
+            last = points[i]
     return front
 
 

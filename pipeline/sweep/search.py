@@ -1,42 +1,22 @@
-"""`python -m pipeline.sweep`: a Ray Tune search over the pretrain loop, tracked in MLflow.
+"""The search: Tune over the pretrain loop, one TorchTrainer per trial, ASHA on the metric."""
 
-Each trial draws values for the `sweep.space` fields from params.yaml's
-ranges and choices and trains them with the pretrain loop as a `TorchTrainer`
-of its own (Train V2: Tune runs a small driver function per trial,
-`tune.with_resources(trial, {"CPU": 0.01})`, and the trainer's workers take
-the trial's real CPUs). ASHA stops weak trials early on `sweep.metric`.
-
-MLflow: one sweep parent run (the search space, the best trial) and one child
-run per trial (its values and per-epoch metrics, logged by the workers as in
-pretrain); a trial ASHA stopped is tagged `iformer.early_stopped`. The best
-trial's values go to `artifacts/sweep/best.yaml` as a params fragment (merge
-its `params` into params.yaml, or make a recipe of it), with
-`artifacts/sweep/manifest.json` written last.
-
-Needs the prepare stage's output. Distillation is not swept. Each running
-trial holds 0.01 CPU besides its workers' `ray.cpus_per_worker`: on nodes
-with a whole number of CPUs, ask for a little less than a whole CPU per worker
-(e.g. 0.5) or a node never has room for a worker next to a trial. Seen with
-Ray 2.60 on the loopback test cluster: the placement group of a trial that
-ASHA stopped can stay reserved after the trial is gone, so leave headroom.
-"""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
-import sys
+import os
 import time
 from pathlib import Path
 
 import yaml
 
-from . import cluster, layout, lifecycle, tracking
-from .config import Config, load_config, parse_config
-from .config.sweep import SPACE_FIELDS
-from .data import Prepared
-from .errors import PipelineError
+from .. import cluster, layout, tracking
+from ..config import Config, parse_config
+from ..config.sweep import SPACE_FIELDS
+from ..data import Prepared
+from ..errors import PipelineError
+from . import latency as sweep_latency
 
 log = logging.getLogger(__name__)
 STAGE = "sweep"
@@ -93,12 +73,15 @@ def check(cfg: Config, root: Path) -> Prepared:
     return prepared
 
 
-def param_space(cfg: Config) -> dict:
+def param_space(cfg: Config, variants: list[str] | None = None) -> dict:
+    """Tune's search space; `variants` narrows the variant choices (the latency budget's)."""
     from ray import tune
 
     s, out = cfg.sweep.space, {}
     for name, field in SPACE_FIELDS.items():
         value = getattr(s, name)
+        if name == "variant" and value and variants is not None:
+            value = [v for v in value if v in variants]
         if not value:
             continue
         if name in ("base_lr", "weight_decay"):
@@ -118,8 +101,8 @@ def trial(values: dict, setup: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.train.v2.api.config import LoggingConfig
 
-    from .train import train_loop_per_worker
-    from .trainer import trainer_class
+    from ..train import train_loop_per_worker
+    from ..trainer import trainer_class
 
     cfg = Config.model_validate(merged(setup["cfg"], values))
     trial_id = tune.get_context().get_trial_id()
@@ -145,12 +128,27 @@ def trial(values: dict, setup: dict) -> None:
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
+def with_room_for_trials(cfg: Config) -> Config:
+    """On the local Ray, one logical CPU more than the machine has, for the trials' drivers.
+
+    A trial is a Tune function holding 0.01 CPU while its trainer's workers
+    take `ray.cpus_per_worker` each; with the default 2 CPUs per worker on a
+    2-core machine no trial would ever fit. The drivers only wait on their
+    trainers, so the extra logical CPU oversubscribes nothing.
+    """
+    if cluster.address(cfg) is not None or cfg.ray.local_num_cpus is not None:
+        return cfg
+    ray_cfg = cfg.ray.model_copy(update={"local_num_cpus": (os.cpu_count() or 1) + 1})
+    return cfg.model_copy(update={"ray": ray_cfg})
+
+
 def run(cfg: Config, root: Path, prepared: Prepared) -> Path:
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    cfg = with_room_for_trials(cfg)
     s = cfg.sweep
     epochs = s.epochs or cfg.train.epochs
     base = cfg.to_dict()
@@ -167,23 +165,31 @@ def run(cfg: Config, root: Path, prepared: Prepared) -> Path:
     client.log_dict(parent, s.model_dump(mode="json"), "sweep/config.yaml")
     status = "FAILED"
     try:
+        timed, allowed = {}, None
+        if s.latency.backend:
+            timed = sweep_latency.measure(cfg, prepared.num_classes)
+            client.log_dict(parent, timed, "sweep/latency.json")
+            allowed = sweep_latency.within_budget(cfg, timed)
         setup = {"cfg": base, "prepared_dir": str(prepared.dir), "tracking_uri": uri, "experiment_id": exp_id,
                  "parent_run_id": parent, "name": name, "storage_path": cluster.storage_path(cfg, root)}
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(trial, setup=setup), {"CPU": 0.01}),
-            param_space=param_space(cfg),
+            param_space=param_space(cfg, allowed),
             tune_config=tune.TuneConfig(
-                metric=s.metric, mode="max", num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials,
+                metric=s.metric, mode="max", num_samples=s.num_samples,
                 scheduler=ASHAScheduler(max_t=epochs, grace_period=min(s.grace_period, epochs),
                                         reduction_factor=s.reduction_factor),
-                search_alg=BasicVariantGenerator(random_state=s.seed)),
+                # The limit goes to the generator: Tune ignores TuneConfig's max_concurrent_trials
+                # (with a warning) when the search algorithm is a BasicVariantGenerator.
+                search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent_trials)),
             run_config=tune.RunConfig(name=name, storage_path=setup["storage_path"], verbose=0))
         log_file = cluster.run_dir(cfg, root, name) / "ray.log"
         with cluster.session(cfg, root, STAGE, log_file):
             log.info("%d trials, %d at a time, %d epochs each (Ray's log: %s)", s.num_samples, s.max_concurrent_trials,
                      epochs, log_file)
             results = tuner.fit()
-        best = summarize(client, exp_id, parent, results, s.metric, epochs)
+        best = summarize(client, exp_id, parent, results, s.metric, epochs,
+                         {v: t["median"] for v, t in timed.items()}, cfg)
         path = write_best(cfg, root, name, parent, best, s.metric)
         status = "FINISHED"
         return path
@@ -194,9 +200,14 @@ def run(cfg: Config, root: Path, prepared: Prepared) -> Path:
         client.set_terminated(parent, status)
 
 
-def summarize(client, exp_id: str, parent: str, results, metric: str, epochs: int) -> dict:
-    """Close every trial's MLflow run, log the sweep's outcome on the parent; the best trial."""
-    from .tracking import metric_batch
+def summarize(client, exp_id: str, parent: str, results, metric: str, epochs: int,
+              latency_ms: dict[str, float], cfg: Config) -> dict:
+    """Close every trial's MLflow run, log the sweep's outcome on the parent; the best trial.
+
+    With `latency_ms` (per variant), every trial carries its model's latency
+    and the parent records the accuracy-latency Pareto front of the trials.
+    """
+    from ..tracking import metric_batch
 
     children = {r.data.tags.get(TAG_TRIAL): r for r in
                 client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent}'", max_results=1000)}
@@ -212,8 +223,13 @@ def summarize(client, exp_id: str, parent: str, results, metric: str, epochs: in
             # Tune's word, not the trial's: a trial ASHA stops is interrupted
             # mid-fit (or killed) and may have closed its run as FAILED, or not at all.
             client.set_terminated(run.info.run_id, "FAILED" if result.error is not None else "FINISHED")
-        rows.append({"trial": trial_id, "values": {k: v for k, v in result.config.items()}, "epochs": epochs_done,
-                     metric: value, "error": None if result.error is None else str(result.error).splitlines()[0],
+        values = dict(result.config.items())
+        latency = latency_ms.get(values.get("model.variant", cfg.model.variant))
+        if run is not None and latency is not None:
+            client.log_batch(run.info.run_id, metrics=metric_batch({"latency_ms": latency}))
+        rows.append({"trial": trial_id, "values": values, "epochs": epochs_done, metric: value,
+                     "latency_ms": latency,
+                     "error": None if result.error is None else str(result.error).splitlines()[0],
                      "mlflow_run_id": run.info.run_id if run is not None else None})
         log.info("trial %s: %s %s after %d epochs%s", trial_id, metric,
                  "n/a" if value is None else f"{value:.4f}", epochs_done, " (stopped early)" if epochs_done < epochs else "")
@@ -224,15 +240,35 @@ def summarize(client, exp_id: str, parent: str, results, metric: str, epochs: in
     client.log_batch(parent, metrics=metric_batch({f"best_{metric}": best[metric], "trials": len(rows),
                                                    "trials_stopped_early": sum(r["epochs"] < epochs for r in done)}))
     client.log_dict(parent, rows, "sweep/trials.json")
+    if latency_ms:
+        log_front(client, parent, done, metric, cfg.sweep.latency.backend)
     client.set_tag(parent, "iformer.best_trial_run", best["mlflow_run_id"] or "")
     return best
+
+
+def log_front(client, parent: str, done: list[dict], metric: str, backend: str) -> None:
+    """The accuracy-latency Pareto front of the finished trials, on the sweep's parent run."""
+    import tempfile
+
+    on_front = sweep_latency.front(done, metric)
+    client.log_dict(parent, on_front, "sweep/pareto.json")
+    client.log_batch(parent, metrics=tracking.metric_batch({"pareto_trials": len(on_front)}))
+    client.set_tag(parent, "iformer.pareto_trials", ",".join(str(r["trial"]) for r in on_front))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "pareto.png"
+        sweep_latency.plot(done, on_front, metric, backend, png)
+        client.log_artifact(parent, str(png), "sweep")
+    for r in on_front:
+        log.info("Pareto front: trial %s %s %.4f at %.2f ms %s", r["trial"], metric, r[metric], r["latency_ms"],
+                 r["values"])
 
 
 def write_best(cfg: Config, root: Path, name: str, parent: str, best: dict, metric: str) -> Path:
     out = layout.stage_dir(STAGE, root)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
-    body = {"sweep": name, "metric": metric, "value": best[metric], "epochs": best["epochs"],
+    body = {"sweep": name, "metric": metric, "value": best[metric], "latency_ms": best.get("latency_ms"),
+            "epochs": best["epochs"],
             "trial": best["trial"], "mlflow_run_id": best["mlflow_run_id"], "mlflow_parent_run_id": parent,
             "params": overrides(best["values"])}
     path = out / "best.yaml"
@@ -246,29 +282,3 @@ def write_best(cfg: Config, root: Path, name: str, parent: str, best: dict, metr
     manifest.replace(out / "manifest.json")
     log.info("best: %s %.4f with %s -> %s", metric, best[metric], best["values"], path)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.sweep")
-    ap.add_argument("--params", type=Path, default=None, help="params file (default: params.yaml at the repo root)")
-    args = ap.parse_args(argv)
-    lifecycle.install()
-    tracking.configure_environment()
-    logging.basicConfig(level=logging.INFO, format=f"[{STAGE}] %(message)s", stream=sys.stderr)
-    root = layout.repo_root()
-    try:
-        cfg = load_config(args.params or root / "params.yaml")
-        tracking.check_reachable(tracking.tracking_uri(cfg, root))
-        run(cfg, root, check(cfg, root))
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        why, status = lifecycle.stop_reason()
-        print(f"error: {STAGE}: interrupted ({why})", file=sys.stderr)
-        return status
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
