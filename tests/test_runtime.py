@@ -97,6 +97,56 @@ def test_training_with_two_workers_listens_on_loopback_only(tmp_path):
     assert len(history) == 1 + FAST["train"]["epochs"]
 
 
+TWIN = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from pipeline import cluster
+    from pipeline.config import Config
+
+    here, other = Path(sys.argv[1]), Path(sys.argv[2])
+    with cluster.session(Config(), Path.cwd(), "twin", here / "ray.log"):
+        import ray
+        from ray.util.state import list_actors
+
+        @ray.remote(num_cpus=0)
+        class Marker:
+            def ping(self):
+                return 1
+
+        @ray.remote(num_cpus=0)
+        def find_markers():  # what Train V2's placement-group cleaner does from inside Ray
+            from ray.dashboard.utils import get_address_for_submission_client
+            return get_address_for_submission_client(None), len(list_actors(filters=[("class_name", "=", "Marker")]))
+
+        marker = Marker.remote()
+        ray.get(marker.ping.remote())
+        (here / "up").touch()
+        deadline = time.time() + 300
+        while not (other / "up").exists() and time.time() < deadline:  # both Rays alive at once
+            time.sleep(0.2)
+        api, markers = ray.get(find_markers.remote())
+        print(json.dumps({"api": api, "markers": markers}))
+        (here / "done").touch()
+        while not (other / "done").exists() and time.time() < deadline:
+            time.sleep(0.2)
+""")
+
+
+def test_two_local_rays_on_one_machine_each_find_their_own_state_api(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", TWIN, str(x), str(y)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for x, y in ((a, b), (b, a))]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "multiple active Ray instances" not in err
+    found = [json.loads(next(line for line in out.splitlines() if line.startswith("{"))) for out, _ in outs]
+    assert [f["markers"] for f in found] == [1, 1], found  # each sees its own actor, not the other's
+    assert found[0]["api"] != found[1]["api"] and all(f["api"].startswith("http://127.0.0.1:") for f in found)
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -276,3 +326,18 @@ def test_a_dead_training_worker_ends_in_one_error_line(fast_repo):
     assert "ray.max_failures" in errors[0] and "ray.log" in errors[0]
     assert "Traceback" not in err and "\x1b[" not in err
     assert len(err.splitlines()) < 30, err
+
+
+def test_a_lost_train_controller_ends_in_one_error_line(fast_repo):
+    # As when Ray's memory monitor kills the run's controller actor on a machine out of memory.
+    repo = fast_repo
+    with training(repo) as stage:
+        controller = next(p for p in _descendants(stage.pid) if _cmdline(p).startswith("ray::TrainController"))
+        controller.kill()
+        _, err = stage.communicate(timeout=300)
+    assert stage.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: ray: the Ray Train run was lost: "), err[-3000:]
+    assert "resume" in errors[0] and "ray.log" in errors[0]
+    assert "Traceback" not in err
+    assert [r.info.status for r in repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")] == ["FAILED"]
