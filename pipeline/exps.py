@@ -1,14 +1,22 @@
-"""`python -m pipeline.exps`: `dvc exp show`, narrowed to what tells experiments apart.
+"""`python -m pipeline.exps`: the experiments side by side, one short column per headline.
 
-The plain table has a column per dependency hash (every file in a stage's
-`deps`) and per latency statistic; this drops those, keeps only params and
-metrics whose values differ across the rows shown (`--only-changed`) plus the
-headline metrics (top-1/5, params, GMACs, median latencies, AP, mIoU), and
-passes any other argument on (`--md`, `--csv`, `-A`, `--sort-by top1`, ...).
-`--print-command` shows the `dvc` command instead of running it.
+`dvc exp show` has a column per dependency hash and per metric statistic, and
+headers as long as their JSON paths (`onnxruntime.classifier_224.median`), so
+at 160 columns little beyond the first metric is visible. This reads the same
+data (`dvc exp show --json`) and prints: the workspace, the baseline commit
+and every experiment; each param whose value differs between them (dotted
+name); and the headline metrics under short headers, in the report's units
+(accuracy and AP in percent, latency in ms).
+
+Options: `--md` or `--csv` instead of the text table; any other argument goes
+to `dvc exp show --json` (`-A`, `--rev REV`, `-n N`, ...). `--dvc ARGS...`
+runs `dvc exp show` itself with the dependency and detail columns dropped.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 import shlex
 import subprocess
@@ -19,16 +27,23 @@ import yaml
 
 from . import layout
 
-#: Metric columns that are detail rather than headline: latency spread, op-census
-#: breakdown, numerical checks. They stay in metrics/*.json and `dvc metrics show`.
-NOISY_METRICS = (r".*\.(mean|std|min|max|p90|runs)", r".*(ops_without_const|reshape_transpose|weight_mb|softmax|"
-                 r"layer_norm|gelu|matmul|conv)", r".*max_abs_diff.*", r"num_images", r".*_seconds", r".*\.skipped",
-                 r"miou_majority_baseline", r"(bbox|segm)_ap(50|75)", r"macc|aacc")
-
-
-#: Headline columns, shown even when every row agrees.
-HEADLINE = (r"top1", r"top5", r"params_m", r"gmacs_224", r".*\.median", r"bbox_ap", r"segm_ap", r"miou", r"img_per_sec",
-            r"train_s")
+#: (header, metrics file, key path, scale, decimals)
+HEADLINES = (
+    ("top1 %", "metrics/evaluate.json", "top1", 100, 2),
+    ("top5 %", "metrics/evaluate.json", "top5", 100, 2),
+    ("params M", "metrics/evaluate.json", "params_m", 1, 2),
+    ("GMACs", "metrics/evaluate.json", "gmacs_224", 1, 2),
+    ("box AP", "metrics/finetune_coco.json", "bbox_ap", 100, 1),
+    ("mask AP", "metrics/finetune_coco.json", "segm_ap", 100, 1),
+    ("mIoU", "metrics/finetune_ade20k.json", "miou", 1, 1),
+    ("img/s", "metrics/pretrain.json", "img_per_sec", 1, 0),
+)
+LATENCY_FILE = "metrics/latency.json"
+BACKEND_SHORT = {"onnxruntime": "ort"}
+#: For `--dvc`: metric columns that are detail rather than headline.
+NOISY_METRICS = (r".*\.(mean|std|min|max|p90|runs|ops|reshape|transpose)", r".*(ops_without_const|reshape_transpose|"
+                 r"weight_mb|softmax|layer_norm|gelu|matmul|conv)", r".*max_abs_diff.*", r"num_images", r".*_seconds",
+                 r".*\.skipped", r"miou_majority_baseline", r"(bbox|segm)_ap(50|75)", r"macc|aacc", r"loss")
 
 
 def dependency_paths(root: Path) -> list[str]:
@@ -37,24 +52,113 @@ def dependency_paths(root: Path) -> list[str]:
     return sorted({d for s in stages.values() for d in s.get("deps", [])})
 
 
-def drop_pattern(root: Path) -> str:
-    deps = [re.escape(d) for d in dependency_paths(root)]
-    return "^(" + "|".join(deps + list(NOISY_METRICS) + ["Created"]) + ")$"
+def dvc_command(root: Path, extra: list[str]) -> list[str]:
+    drop = "^(" + "|".join([re.escape(d) for d in dependency_paths(root)] + list(NOISY_METRICS) + ["Created"]) + ")$"
+    keep = r"^(top1|top5|params_m|gmacs_224|.*\.median|bbox_ap|segm_ap|miou|img_per_sec|train_s)$"
+    return ["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", drop, "--keep", keep, *extra]
 
 
-def command(root: Path, extra: list[str]) -> list[str]:
-    keep = "^(" + "|".join(HEADLINE) + ")$"
-    return ["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", drop_pattern(root), "--keep", keep, *extra]
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _data(rev: dict | None) -> tuple[dict, dict]:
+    """(flat params of params.yaml, {metrics file: its data}) of one `dvc exp show --json` revision."""
+    data = (rev or {}).get("data") or {}
+    params = _flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
+    metrics = {f: (m or {}).get("data") or {} for f, m in (data.get("metrics") or {}).items()}
+    return params, metrics
+
+
+def rows_of(show: list[dict]) -> list[dict]:
+    """[{"name", "params", "metrics"}] for the workspace, each baseline commit and its experiments."""
+    rows = []
+    for commit in show:
+        rev = commit.get("rev", "")
+        name = commit.get("name") or (rev if rev == "workspace" else rev[:7])
+        rows.append({"name": name, **dict(zip(("params", "metrics"), _data(commit)))})
+        for exp in commit.get("experiments") or []:
+            last = (exp.get("revs") or [{}])[0]
+            label = f"  {exp.get('name') or last.get('name') or last.get('rev', '')[:7]}"
+            rows.append({"name": label, **dict(zip(("params", "metrics"), _data(last)))})
+    return rows
+
+
+def latency_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(header, backend, model) for every median any row holds, classifier first."""
+    seen = []
+    for r in rows:
+        for backend, models in (r["metrics"].get(LATENCY_FILE) or {}).items():
+            for model, stats in (models or {}).items() if isinstance(models, dict) else ():
+                if isinstance(stats, dict) and "median" in stats and (backend, model) not in seen:
+                    seen.append((backend, model))
+    seen.sort(key=lambda bm: (not bm[1].startswith("classifier"), bm[1], bm[0]))
+    return [(f"{BACKEND_SHORT.get(b, b)} {m.rsplit('_', 1)[-1]} ms", b, m) for b, m in seen]
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    keys = sorted({k for r in rows for k in r["params"]})
+    changed = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1]
+    lat = latency_columns(rows)
+    header = ["Experiment", *changed, *[h for h, *_ in HEADLINES[:4]], *[h for h, *_ in lat],
+              *[h for h, *_ in HEADLINES[4:]]]
+    body = []
+    for r in rows:
+        def metric(spec):
+            _, f, key, scale, dec = spec
+            v = r["metrics"].get(f, {}).get(key)
+            return "–" if not isinstance(v, (int, float)) else f"{v * scale:.{dec}f}"
+
+        def latency(backend, model):
+            v = ((r["metrics"].get(LATENCY_FILE) or {}).get(backend) or {}).get(model, {})
+            return f"{v['median']:.2f}" if isinstance(v, dict) and isinstance(v.get("median"), (int, float)) else "–"
+
+        body.append([r["name"], *[str(r["params"].get(k, "–")) for k in changed],
+                     *[metric(s) for s in HEADLINES[:4]], *[latency(b, m) for _, b, m in lat],
+                     *[metric(s) for s in HEADLINES[4:]]])
+    return header, body
+
+
+def render(header: list[str], body: list[list[str]], fmt: str) -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(header)
+        w.writerows([[c.strip() for c in row] for row in body])
+        return buf.getvalue()
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(c.strip() for c in row) + " |" for row in body]) + "\n"
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    fmt_row = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt_row(header), "  ".join("-" * w for w in widths), *map(fmt_row, body)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     root = layout.repo_root()
-    if "--print-command" in args:
-        args.remove("--print-command")
-        print(shlex.join(command(root, args)))
-        return 0
-    return subprocess.call(command(root, args), cwd=root)
+    if "--dvc" in args:
+        args.remove("--dvc")
+        cmd = dvc_command(root, args)
+        print(shlex.join(cmd), file=sys.stderr)
+        return subprocess.call(cmd, cwd=root)
+    fmt = "text"
+    for flag in ("--md", "--csv"):
+        if flag in args:
+            args.remove(flag)
+            fmt = flag[2:]
+    proc = subprocess.run(["dvc", "exp", "show", "--json", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr.strip() or f"error: dvc exp show exited with {proc.returncode}", file=sys.stderr)
+        return proc.returncode
+    sys.stdout.write(render(*table(rows_of(json.loads(proc.stdout or "[]"))), fmt))
+    return 0
 
 
 if __name__ == "__main__":

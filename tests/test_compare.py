@@ -27,14 +27,23 @@ def test_compact_exp_show_keeps_what_differs_and_headlines(tmp_path):
 
     out = repo.run(sys.executable, "-m", "pipeline.exps", "--csv").stdout
     rows = list(csv.DictReader(io.StringIO(out)))
-    cols = set(rows[0])
+    assert list(rows[0]) == ["Experiment", "optim.base_lr", "top1 %", "top5 %", "params M", "GMACs", "ort 224 ms",
+                             "box AP", "mask AP", "mIoU", "img/s"], list(rows[0])
+    by_name = {r["Experiment"]: r for r in rows}
+    assert by_name["workspace"]["optim.base_lr"] == "0.004" and by_name["workspace"]["top1 %"] == "80.00"
+    baseline = next(r for name, r in by_name.items() if name != "workspace")
+    assert baseline["optim.base_lr"] == "0.002" and baseline["top1 %"] == "90.00"
+    assert baseline["ort 224 ms"] == "1.50" and baseline["mIoU"] == "–"
+    text = repo.run(sys.executable, "-m", "pipeline.exps").stdout
+    assert max(len(line) for line in text.splitlines()) < 120, text
+
+    # `--dvc`: DVC's own table, without the dependency-hash and detail columns.
+    out = repo.run(sys.executable, "-m", "pipeline.exps", "--dvc", "--csv").stdout
+    cols = set(next(csv.reader(io.StringIO(out))))
     assert {"top1", "top5", "optim.base_lr", "onnxruntime.classifier_224.median"} <= cols, cols
     deps = {d for s in yaml.safe_load((repo.path / "dvc.yaml").read_text())["stages"].values() for d in s["deps"]}
     assert not cols & deps, "dependency hashes are dropped"
-    assert not {"num_images", "fuse_max_abs_diff", "onnxruntime.classifier_224.p90", "optim.name"} & cols
-    by_rev = {r["rev"]: r for r in rows}
-    assert by_rev["workspace"]["optim.base_lr"] == "0.004" and by_rev["workspace"]["top1"] == "0.8"
-    assert len(cols) < 12, cols
+    assert not {"num_images", "fuse_max_abs_diff", "onnxruntime.classifier_224.p90"} & cols
 
 
 def test_dvc_plots_render_offline(tmp_path):
