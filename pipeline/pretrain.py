@@ -127,6 +127,10 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     )
     history = state["history"]
     write_history(history, out / "history.csv")
+    # The plots' data, committed to git beside metrics/ (as DVC's cache holds only this
+    # clone's runs, `dvc plots diff` against the recorded baseline needs it there).
+    layout.plots_dir(root).mkdir(parents=True, exist_ok=True)
+    write_history(history, layout.plots_dir(root) / "pretrain_history.csv")
     final = history[-1]
     # Training's own figures; accuracy is the evaluate stage's (`top1`/`top5` there), so the
     # last epoch's validation numbers stay in history.csv and are not a second `top1` column.

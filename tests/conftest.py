@@ -114,7 +114,7 @@ def make_repo(dest: Path, params: dict | None = None) -> Repo:
                            text=True, check=True).stdout.split()
     for rel in files:
         src = ROOT / rel
-        if not src.is_file() or rel.startswith(("metrics/", "dvc.lock")):
+        if not src.is_file() or rel.startswith(("metrics/", "plots/", "dvc.lock")):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
