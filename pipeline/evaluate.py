@@ -22,7 +22,7 @@ from . import checkpoint, layout
 from .config import Config
 from .data import ImageListDataset, Prepared, build_transforms
 from .errors import PipelineError
-from .tracking import StageRun, metric_batch, write_manifest
+from .tracking import StageRun, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
 
     # One name per quantity: `top1` here, in metrics/evaluate.json and on the parent run.
     mlflow.log_metrics(metrics)
-    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
-        {k: metrics[k] for k in ("top1", "top5", "params_m", "gmacs_224")}))
+    srun.log_headline({k: metrics[k] for k in ("top1", "top5", "params_m", "gmacs_224")})
     mlflow.log_artifacts(str(out), "evaluate")
     mlflow.log_artifact(str(mpath), "metrics")
     write_manifest("evaluate", root, srun, metrics=metrics, weights_sha256=checkpoint.sha256(inputs.weights_path))

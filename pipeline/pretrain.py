@@ -23,7 +23,7 @@ from . import checkpoint, cluster, layout, lifecycle, registry, tracking, traine
 from .config import Config
 from .data import Prepared
 from .errors import PipelineError
-from .tracking import StageRun, metric_batch, write_manifest
+from .tracking import StageRun, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     mlflow.log_artifact(str(out / "history.csv"), "pretrain")
     mlflow.log_artifact(str(metrics), "metrics")
     mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.checkpoint_sha256": digest})
-    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
-        {k: summary[k] for k in ("img_per_sec", "train_s", "train_loss")}))
+    srun.log_headline({k: summary[k] for k in ("img_per_sec", "train_s", "train_loss")})
     # The trained network is logged once: as an MLflow model, or else as the checkpoint.
     if cfg.mlflow.log_model:
         start = time.perf_counter()

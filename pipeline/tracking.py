@@ -30,6 +30,8 @@ TAG_KIND = "iformer.kind"
 TAG_STAGE = "iformer.stage"
 TAG_INVOCATION = "iformer.invocation"
 TAG_LINKED_FROM = "iformer.linked_from"
+#: A stage run's headline metrics (JSON), copied to the parent of a run that links it.
+TAG_HEADLINE = "iformer.headline"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_REPO = "iformer.repo"
 TAG_OWNER = "iformer.owner"  # host:pid:start-ms of the process whose death ends the run
@@ -152,6 +154,12 @@ class StageRun:
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(self.tracking_uri)
+
+    def log_headline(self, values: dict) -> None:
+        """Headline metrics on the parent run, remembered on this child for when DVC restores the stage."""
+        client = self.client()
+        client.log_batch(self.parent_run_id, metrics=metric_batch(values))
+        client.set_tag(self.run_id, TAG_HEADLINE, json.dumps(values)[:5000])
 
 
 def _connect(cfg, root: Path):
@@ -291,6 +299,10 @@ def _link_upstream(client, exp_id: str, parent_id: str, stage: str, cfg, root: P
             metrics = metric_batch(src.data.metrics)
             for i in range(0, len(metrics), 100):
                 client.log_batch(linked.info.run_id, metrics=metrics[i : i + 100])
+            headline = src.data.tags.get(TAG_HEADLINE)
+            if headline:  # the parent shows them as if the stage had run here
+                client.log_batch(parent_id, metrics=metric_batch(json.loads(headline)))
+                client.set_tag(linked.info.run_id, TAG_HEADLINE, headline)
         client.set_terminated(linked.info.run_id, "FINISHED")
 
 

@@ -60,6 +60,7 @@ def test_parent_carries_identity_changed_params_and_whole_duration(repo):
 def test_linked_child_carries_this_invocations_identity(repo, monkeypatch):
     base = Config()
     with tracking.stage_run(base, "prepare", repo) as prep:
+        prep.log_headline({"images": 1797.0})
         tracking.write_manifest("prepare", repo, prep)
     monkeypatch.setenv("IFORMER_PIPELINE_RUN", "inv-2")
     monkeypatch.setenv("DVC_EXP_NAME", "epochs3")
@@ -75,6 +76,9 @@ def test_linked_child_carries_this_invocations_identity(repo, monkeypatch):
     assert linked.data.tags["iformer.linked_params_hash"] == base.params_hash()
     assert linked.data.tags["iformer.linked_dvc_experiment"] == "workspace"
     assert linked.data.params["train.epochs"] == "3", "this experiment's params, not the producer's"
+    # The restored stage's headline metrics reach this invocation's parent, as if it had run here.
+    assert client.get_run(prep.parent_run_id).data.metrics["images"] == 1797.0
+    assert client.get_run(pre.parent_run_id).data.metrics["images"] == 1797.0
 
 
 def test_moved_repo_keeps_working_artifact_links(repo, tmp_path):

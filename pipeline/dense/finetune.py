@@ -23,7 +23,7 @@ from iformer.dense.backbone import BackboneWeightsError, IFormerBackbone, load_b
 from .. import checkpoint, cluster, console, layout, lifecycle, trainer
 from ..config import Config
 from ..errors import PipelineError
-from ..tracking import StageRun, metric_batch, write_manifest
+from ..tracking import StageRun, write_manifest
 from . import prepare
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,7 @@ def run_stage(stage: str):
         mpath.parent.mkdir(parents=True, exist_ok=True)
         mpath.write_text(json.dumps(metrics, indent=2) + "\n")
         mlflow.log_metrics(metrics)
-        srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
-            {k: metrics[k] for k in HEADLINE[task]}))  # the same names as metrics/<stage>.json
+        srun.log_headline({k: metrics[k] for k in HEADLINE[task]})  # the same names as metrics/<stage>.json
         mlflow.log_artifact(str(mpath), "metrics")
         mlflow.log_artifact(str(out / "config.py"), stage)
         for path in samples:

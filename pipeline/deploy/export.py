@@ -30,7 +30,7 @@ from .. import checkpoint, console, layout
 from ..config import Config
 from ..data import Prepared
 from ..errors import PipelineError
-from ..tracking import StageRun, metric_batch, write_manifest
+from ..tracking import StageRun, write_manifest
 from . import census, compute_plan, coreml, onnx
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         if "skipped" not in m["compute_plan"]:
             flat.update({f"compute_plan.{n}.{k}_cost_share": v for k, v in m["compute_plan"]["cost_share"].items()})
     mlflow.log_metrics(flat)
-    srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(
-        {f"census.{n}.ops": m["ops"] for n, m in metrics.items()}))
+    srun.log_headline({f"census.{n}.ops": m["ops"] for n, m in metrics.items()})
     mlflow.log_artifacts(str(final), "export")
     mlflow.log_artifact(str(mpath), "metrics")
     attach_to_registry(cfg, root, srun, models)

@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import checkpoint, layout
 from ..config import Config
 from ..errors import PipelineError
-from ..tracking import StageRun, metric_batch, read_stage_manifest, write_manifest
+from ..tracking import StageRun, read_stage_manifest, write_manifest
 from . import backends
 from .backends import AppleAPI, Skipped
 
@@ -150,7 +150,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     metrics = headline(results)
     if metrics:
         mlflow.log_metrics(metrics)
-        srun.client().log_batch(srun.parent_run_id, metrics=metric_batch(metrics))
+        srun.log_headline(metrics)
     mlflow.set_tags({f"latency.skipped.{b}": r["skipped"][:5000] for b, r in results.items() if "skipped" in r})
     mlflow.log_artifact(str(mpath), "metrics")
     mlflow.log_artifact(str(full), "latency")
