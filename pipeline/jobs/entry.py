@@ -49,8 +49,7 @@ def job_run(client, experiment: str, key: str, name: str = "") -> str:
     """The pipeline's MLflow parent run of this job, else a new (FINISHED) one tagged as its."""
     from .. import tracking
 
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = tracking.experiment_id(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_INVOCATION}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id

@@ -60,6 +60,10 @@ from . import submit
 from .plan import Experiment, dvc, exp_ref, git, identity, params_of, plan, remote_url, run_args
 
 
+#: How long a job may take to start before the next one is submitted anyway.
+STARTUP_S = 300.0
+
+
 class Prefixed:
     """A job's log stream, cut into lines shown as `[NAME] line`; remembers the last `error:` line."""
 
@@ -75,7 +79,7 @@ class Prefixed:
     def emit(self, lines: list[str]) -> None:
         with self.lock:
             for line in lines:
-                if line.startswith("error:"):
+                if line.startswith(("error:", "ERROR:")):  # ours, DVC's
                     self.exp.error = line
                 sys.stdout.write(f"[{self.exp.name}] {line}\n")
             sys.stdout.flush()
@@ -186,9 +190,14 @@ def submit_all(root: Path, args, command: list[str]) -> int:
             exp.key, exp.status = env["env_vars"]["IFORMER_PIPELINE_RUN"], "SUBMITTED"
             what = " ".join(f"-S {o}" for o in exp.overrides) or f"(queued {exp.stash_rev[:7]})"
             submit.say(f"{exp.name}: job {exp.key} submitted: dvc exp run -n {exp.name} {what} {shlex.join(extra)}")
-        for exp in exps:
             exp.out = Prefixed(exp)
             exp.logs = submit.follow_logs(client, exp.key, exp.out)
+            # The jobs share one upload, which Ray unpacks once per node; a second
+            # job setting up while the first starts would unpack it again over the
+            # first one's files. Started one by one, the later jobs reuse it.
+            deadline = time.monotonic() + STARTUP_S
+            while str(client.get_job_status(exp.key).value) == "PENDING" and time.monotonic() < deadline:
+                time.sleep(0.5)
         wait_all(client, exps, lambda exp: bring_back(root, exp, baseline, remote, dvc_remote))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP via lifecycle
         why, code = lifecycle.stop_reason()
