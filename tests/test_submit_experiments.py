@@ -9,7 +9,9 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,11 +149,11 @@ def test_ctrl_c_stops_every_experiment(tmp_path, cluster):
     repo.set_params({"train": {"epochs": 30}})
     repo.git("commit", "-qam", "long runs")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.submit", "--git-remote", str(remote),
-                             "--exp", "a:optim.base_lr=0.004", "--exp", "b:optim.base_lr=0.001",
+                             "--exp", "stop-a:optim.base_lr=0.004", "--exp", "stop-b:optim.base_lr=0.001",
                              "--", "dvc", "exp", "run", "pretrain"],
                             cwd=repo.path, env=repo.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: len(running(cluster, ("-a", "-b"))) == 2, 300, "both jobs running")
+        wait_for(lambda: len(running(cluster, ("-stop-a", "-stop-b"))) == 2, 300, "both jobs running")
         time.sleep(5)  # into `dvc exp run`
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=240)
@@ -160,8 +162,10 @@ def test_ctrl_c_stops_every_experiment(tmp_path, cluster):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     ids = submitted(err)
-    assert set(ids) == {"a", "b"}
+    assert set(ids) == {"stop-a", "stop-b"}
     info = jobs(cluster)
     assert [info[j][0] for j in ids.values()] == ["STOPPED", "STOPPED"], info
-    assert not {"a", "b"} & set(shown(repo)), "nothing came back"
+    assert not {"stop-a", "stop-b"} & set(shown(repo)), "nothing came back"
+    left = [p for name in ids for p in Path(tempfile.gettempdir()).glob(f"iformer-exp-{name}-*")]
+    assert not left, "each job removed its private copy of the workspace"
     assert subprocess.run(["git", "ls-remote", str(remote)], capture_output=True, text=True).stdout == ""
