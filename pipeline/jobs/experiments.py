@@ -53,7 +53,7 @@ import threading
 import time
 from pathlib import Path
 
-from .. import tracking
+from .. import cluster, lifecycle, tracking
 from ..config import load_config
 from ..errors import PipelineError
 from . import submit
@@ -154,20 +154,40 @@ def report(client, exps: list[Experiment]) -> int:
     return 0 if len(back) == len(exps) else 1
 
 
-def submit_all(root: Path, args, command: list[str]) -> int:
-    from .. import lifecycle
+def launch(client, exp: Experiment, entry: str, env: dict, addr: str, exps: list[Experiment]) -> None:
+    """Submit one experiment's job, follow its log, and return once it has started."""
+    key = env["env_vars"]["IFORMER_PIPELINE_RUN"]
+    try:
+        client.submit_job(entrypoint=entry, submission_id=key, runtime_env=env, metadata={"dvc_experiment": exp.name})
+    except Exception as err:  # refused by the job server: stop the ones before it, so it is all or none
+        stop_all(client, exps)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"{addr}: submitting {exp.name} failed ({first[:300]}); "
+                            "the jobs submitted before it were stopped") from None
+    exp.key, exp.status = key, "SUBMITTED"
+    what = " ".join(f"-S {o}" for o in exp.overrides) or f"(queued {exp.stash_rev[:7]})"
+    submit.say(f"{exp.name}: job {key} submitted: dvc exp run -n {exp.name} {what}")
+    exp.out = Prefixed(exp)
+    exp.logs = submit.follow_logs(client, key, exp.out)
+    # The jobs share one upload, which Ray unpacks once per node; a job setting
+    # up while another starts would unpack it again over the files the other
+    # is reading. Started one by one, the later jobs reuse the unpacked copy.
+    deadline = time.monotonic() + STARTUP_S
+    while str(client.get_job_status(key).value) == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.5)
 
+
+def submit_all(root: Path, args, command: list[str]) -> int:
     if args.params is not None:
         raise PipelineError("--params: not with --exp / --queue (experiments change the workspace's params.yaml)")
     extra = run_args(command)
     remote = remote_url(root, args.git_remote)
     env_identity = identity(root)
     baseline, exps = plan(root, args.exp, args.queue, remote)
-    cfg = load_config(root / "params.yaml")
-    uri = tracking.tracking_uri(cfg, root)
     addr = submit.dashboard_address(args.address)
     for exp in exps:
-        submit.cluster.check_tracking(params_of(root, exp), addr)
+        cluster.check_tracking(params_of(root, exp), addr)
+    uri = tracking.tracking_uri(load_config(root / "params.yaml"), root)
     tracking.check_reachable(uri)
     dvc_remote = None if args.no_cache else (dvc(root, "config", "--project", "core.remote").stdout.strip() or None)
     client = submit.connect(addr)
@@ -178,26 +198,7 @@ def submit_all(root: Path, args, command: list[str]) -> int:
         for exp in exps:
             env = submit.runtime_env(root, uri, submit.job_key(exp.name))
             env["env_vars"].update(env_identity)
-            try:
-                client.submit_job(entrypoint=entrypoint(exp, baseline, remote, dvc_remote, extra),
-                                  submission_id=env["env_vars"]["IFORMER_PIPELINE_RUN"], runtime_env=env,
-                                  metadata={"dvc_experiment": exp.name})
-            except Exception as err:  # the job server refused it: none or all
-                stop_all(client, exps)
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise PipelineError(f"{addr}: submitting {exp.name} failed ({first[:300]}); "
-                                    "the jobs submitted before it were stopped") from None
-            exp.key, exp.status = env["env_vars"]["IFORMER_PIPELINE_RUN"], "SUBMITTED"
-            what = " ".join(f"-S {o}" for o in exp.overrides) or f"(queued {exp.stash_rev[:7]})"
-            submit.say(f"{exp.name}: job {exp.key} submitted: dvc exp run -n {exp.name} {what} {shlex.join(extra)}")
-            exp.out = Prefixed(exp)
-            exp.logs = submit.follow_logs(client, exp.key, exp.out)
-            # The jobs share one upload, which Ray unpacks once per node; a second
-            # job setting up while the first starts would unpack it again over the
-            # first one's files. Started one by one, the later jobs reuse it.
-            deadline = time.monotonic() + STARTUP_S
-            while str(client.get_job_status(exp.key).value) == "PENDING" and time.monotonic() < deadline:
-                time.sleep(0.5)
+            launch(client, exp, entrypoint(exp, baseline, remote, dvc_remote, extra), env, addr, exps)
         wait_all(client, exps, lambda exp: bring_back(root, exp, baseline, remote, dvc_remote))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP via lifecycle
         why, code = lifecycle.stop_reason()

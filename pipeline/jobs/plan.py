@@ -132,11 +132,13 @@ def remote_url(root: Path, arg: str | None) -> str:
                             "(e.g. a bare repository: git init --bare /shared/exps.git)")
     named = git(root, "remote", "get-url", value, check=False)
     url = named.stdout.strip() if named.returncode == 0 else value
+    if re.match(r"\w+://[^/@]*:[^/@]*@", url):  # the URL goes into the jobs' command lines and our output
+        raise PipelineError(f"{field}: has a password in it; give the nodes SSH keys or a git credential helper")
     if "://" not in url and not re.match(r"[\w.-]+@[\w.-]+:", url):  # a path, not a URL or user@host:path
         url = str((root / url).resolve())
     probe = git(root, "ls-remote", url, "refs/exps/*", check=False, timeout=60)
     if probe.returncode:
-        raise PipelineError(f"{field}: {url} cannot be read ({(probe.stderr.strip().splitlines() or ['?'])[-1]})")
+        raise PipelineError(f"{field}: {url} cannot be read ({(probe.stderr.strip().splitlines() or ['?'])[0]})")
     return url
 
 
