@@ -169,3 +169,20 @@ def test_ctrl_c_stops_every_experiment(tmp_path, cluster):
     left = [p for name in ids for p in Path(tempfile.gettempdir()).glob(f"iformer-exp-{name}-*")]
     assert not left, "each job removed its private copy of the workspace"
     assert subprocess.run(["git", "ls-remote", str(remote)], capture_output=True, text=True).stdout == ""
+
+
+def test_without_a_dvc_remote_an_experiment_comes_back_without_outputs(tmp_path, cluster):
+    repo, remote = experiments_repo(tmp_path, cluster)
+    out = submit(repo, remote, "--no-cache", "--exp", "img64:data.image_size=64", "--", "dvc", "exp", "run", "prepare")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "without outputs" in out.stderr
+    refs = dict(line.split() for line in repo.git("for-each-ref", "--format=%(refname:lstrip=-1) %(objectname)",
+                                                  "refs/exps").stdout.splitlines())
+    assert shown(repo)["img64"][0] == refs["img64"]
+    assert "image_size: 64" in repo.git("show", f"{refs['img64']}:dvc.lock").stdout, "its own dvc.lock came back"
+    assert not (tmp_path / "dvc-store").exists(), "nothing went to the DVC remote"
+    assert not list((repo.path / ".dvc" / "cache").rglob("*.dir")), "no outputs came into the local cache"
+    client = cluster.mlflow.client()
+    exp_id = client.get_experiment_by_name(repo.params()["mlflow"]["experiment"]).experiment_id
+    runs = client.search_runs([exp_id], "tags.`iformer.dvc_experiment` = 'img64' and tags.`iformer.kind` = 'pipeline'")
+    assert [r.data.tags["iformer.dvc_exp_rev"] for r in runs] == [refs["img64"]]

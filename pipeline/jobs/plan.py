@@ -10,6 +10,7 @@ Every problem is one `PipelineError` naming the experiment.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, parse_config
+from ..config import TRAINING_SECTIONS, Config, parse_config
 from ..errors import PipelineError
 
 #: Names we give experiments become git ref components.
@@ -172,12 +173,15 @@ def plan(root: Path, specs: list[str], queue: bool, remote: str) -> tuple[str, l
                 exps.append(Experiment(entry.name, [], stash_rev=entry.stash_rev))
             if len(exps) == len(specs):
                 raise PipelineError("--queue: the DVC queue is empty (`dvc exp run --queue -S ...` adds to it)")
-        hashes: dict[str, Experiment] = {}
+        trainings: dict[str, Experiment] = {}
         for exp in exps:
-            digest = params_of(root, exp).params_hash()
-            if digest in hashes:  # the same Ray run (pretrain's run name is its params' hash): one would fail
-                raise PipelineError(f"{exp.label}: sets the same params as {hashes[digest].label}")
-            hashes[digest] = exp
+            params = params_of(root, exp).to_dict()
+            key = json.dumps({k: params[k] for k in TRAINING_SECTIONS}, sort_keys=True)
+            if key in trainings:  # pretrain's Ray run is named by these: the second trainer would be refused
+                raise PipelineError(f"{exp.label}: trains exactly as {trainings[key].label} (same "
+                                    f"{'/'.join(TRAINING_SECTIONS)} params); make them differ there, or run one "
+                                    "after the other")
+            trainings[key] = exp
         taken = {e.name for e in exps if e.name}
         for exp in exps:
             while not exp.name:
