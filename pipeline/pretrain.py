@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, cluster, layout, lifecycle, registry, tracking, trainer
-from .config import Config
+from .config import TRAINING_SECTIONS, Config
 from .data import Prepared
 from .errors import PipelineError
 from .tracking import StageRun, write_manifest
@@ -38,7 +38,7 @@ class Inputs:
 def run_name(cfg: Config, prepared: Prepared) -> str:
     """Same training config + same data => same Ray run => resume, not restart."""
     d = cfg.to_dict()
-    key = {k: d[k] for k in ("model", "data", "aug", "optim", "schedule", "train", "distill")}
+    key = {k: d[k] for k in TRAINING_SECTIONS}
     key["fingerprint"] = prepared.manifest["fingerprint"]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"pretrain-{cfg.model.variant}-{digest}"

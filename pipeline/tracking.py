@@ -171,13 +171,24 @@ def _connect(cfg, root: Path):
         store.relocate(root)  # the repo may have moved since the store was written
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is None:
-        loc = artifact_location(root) if uri.startswith("sqlite:") else None
-        exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=loc)
-    else:
-        exp_id = exp.experiment_id
-    return uri, client, exp_id
+    loc = artifact_location(root) if uri.startswith("sqlite:") else None
+    return uri, client, experiment_id(client, cfg.mlflow.experiment, loc)
+
+
+def experiment_id(client, name: str, artifact_location: str | None = None) -> str:
+    """The MLflow experiment `name`, created if missing (by us, or by a pipeline run starting beside us)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # RESOURCE_ALREADY_EXISTS: experiments submitted together start together
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _children(client, exp_id: str, parent_id: str):

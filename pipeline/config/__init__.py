@@ -30,6 +30,8 @@ __all__ = ["VARIANTS", "LATENCY_BACKENDS", "Config", "CoreMLExportConfig", "Dete
            "parse_config"]
 
 #: timm's registered iFormer classifiers (a test checks them against timm's registry).
+#: The sections that decide what pretraining computes: its Ray run is named by their hash.
+TRAINING_SECTIONS = ("model", "data", "aug", "optim", "schedule", "train", "distill")
 VARIANTS = ("iformer_t", "iformer_s", "iformer_m", "iformer_l", "iformer_l2", "iformer_h")
 
 

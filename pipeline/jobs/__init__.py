@@ -9,4 +9,8 @@
   succeeds, uploads the small results (dvc.lock, metrics, plots, manifests,
   histories, model files under a size limit) as one archive to the job's
   MLflow run on the shared tracking server, the one place both sides reach.
+- `experiments` (`python -m pipeline.submit --exp ... --queue`): a set of DVC
+  experiments, one Ray job each, all at once; each job `dvc exp push`es its
+  experiment to a git remote and this side `dvc exp pull`s it into `dvc exp
+  show`. `plan` reads and checks the set before anything is submitted.
 """

@@ -1,5 +1,9 @@
 """`python -m pipeline.submit [--address URL] -- CMD...`: run CMD (e.g. `dvc repro`) on a Ray cluster as a job.
 
+With `--exp` / `--queue` it runs a set of DVC experiments instead, each as its
+own Ray job, all at once, and brings each back into `dvc exp show`: see
+`pipeline.jobs.experiments` (`python -m pipeline.submit --help`).
+
 The workspace goes up as the job's `working_dir`, with its `.git` (DVC in the
 job needs the repository): Ray leaves out what `.gitignore` and `.rayignore`
 name, and this adds `.dvcignore`'s patterns and the local caches
@@ -65,6 +69,12 @@ def excludes(root: Path) -> list[str]:
     return patterns
 
 
+def job_key(suffix: str = "") -> str:
+    """A job's submission id, also its MLflow invocation key (`IFORMER_PIPELINE_RUN`)."""
+    key = f"iformer-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    return f"{key}-{suffix}" if suffix else key
+
+
 def runtime_env(root: Path, uri: str, key: str) -> dict:
     env = {k: os.environ[k] for k in cluster.TRACKING_ENV if k in os.environ}
     env.update(MLFLOW_TRACKING_URI=uri, IFORMER_PIPELINE_RUN=key, DVC_NO_ANALYTICS="1",
@@ -76,11 +86,16 @@ def runtime_env(root: Path, uri: str, key: str) -> dict:
     return {"working_dir": str(root), "excludes": excludes(root), "env_vars": env}
 
 
-def follow_logs(client, job_id: str) -> threading.Thread:
+def _write(chunk: str) -> None:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
+def follow_logs(client, job_id: str, write=_write) -> threading.Thread:
+    """Stream the job's log to `write` (chunks as they come) in a thread."""
     async def tail():
         async for chunk in client.tail_job_logs(job_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+            write(chunk)
 
     def run():
         try:
@@ -88,7 +103,7 @@ def follow_logs(client, job_id: str) -> threading.Thread:
         except Exception as err:  # the log stream is a convenience; the status decides
             say(f"log stream ended: {err}")
 
-    thread = threading.Thread(target=run, name="job-logs", daemon=True)
+    thread = threading.Thread(target=run, name=f"logs-{job_id}", daemon=True)
     thread.start()
     return thread
 
@@ -120,7 +135,8 @@ def bring_back(root: Path, cfg, uri: str, key: str) -> int:
     return len(members)
 
 
-def submit(root: Path, command: list[str], address: str | None, params: Path | None) -> int:
+def connect(addr: str):
+    """A Job SDK client of the job server at `addr`; one `PipelineError` line when it does not answer."""
     # `.git` goes up too (Ray leaves it out by default): DVC in the job needs
     # the repository, and `dvc exp push` from the job its history.
     os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ",".join(DEFAULT_EXCLUDES)
@@ -128,20 +144,23 @@ def submit(root: Path, command: list[str], address: str | None, params: Path | N
 
     for name in QUIET_LOGGERS:  # packaging chatter; the job's log is what we show
         logging.getLogger(name).setLevel(logging.WARNING)
-
-    cfg = load_config(params or root / "params.yaml")
-    uri = tracking.tracking_uri(cfg, root)
-    addr = dashboard_address(address)
-    cluster.check_tracking(cfg, addr)
-    tracking.check_reachable(uri)
     try:
-        client = JobSubmissionClient(addr)
+        return JobSubmissionClient(addr)
     except Exception as err:  # ConnectionError, or an authentication error from Ray
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PipelineError(f"--address / RAY_API_SERVER_ADDRESS: cannot reach the job server at {addr} ({first}); "
                             "a cluster with token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
                             "or RAY_AUTH_TOKEN_PATH") from None
-    key = f"iformer-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def submit(root: Path, command: list[str], address: str | None, params: Path | None) -> int:
+    cfg = load_config(params or root / "params.yaml")
+    uri = tracking.tracking_uri(cfg, root)
+    addr = dashboard_address(address)
+    cluster.check_tracking(cfg, addr)
+    tracking.check_reachable(uri)
+    client = connect(addr)
+    key = job_key()
     entrypoint = shlex.join(["python", "-m", "pipeline.jobs.entry", "--", *command])
     job_id = client.submit_job(entrypoint=entrypoint, submission_id=key, runtime_env=runtime_env(root, uri, key))
     say(f"job {job_id} submitted to {addr}: {shlex.join(command)}")
@@ -170,19 +189,32 @@ def submit(root: Path, command: list[str], address: str | None, params: Path | N
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        print("usage: python -m pipeline.submit [--address URL] [--params FILE] -- CMD...", file=sys.stderr)
-        return 2
-    split = argv.index("--")
-    ap = argparse.ArgumentParser(prog="python -m pipeline.submit")
+    split = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.submit",
+                                 usage="%(prog)s [--address URL] [--params FILE] -- CMD...\n"
+                                       "       %(prog)s [--address URL] (--exp [NAME:]K=V[,K=V...] ... | --queue) "
+                                       "--git-remote URL [--no-cache] [-- dvc exp run [TARGETS...]]")
     ap.add_argument("--address", default=None, help="the job server (dashboard) URL; default $RAY_API_SERVER_ADDRESS")
     ap.add_argument("--params", type=Path, default=None)
+    ap.add_argument("--exp", action="append", default=[], metavar="[NAME:]K=V[,K=V...]",
+                    help="one experiment: `dvc exp run -S` overrides, comma-separated (repeat for more)")
+    ap.add_argument("--queue", action="store_true", help="also every entry of the local DVC queue")
+    ap.add_argument("--git-remote", default=None,
+                    help="git remote (name or URL) the jobs push experiments to; default $IFORMER_GIT_REMOTE")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="bring experiments back without their cached outputs, even with a default DVC remote")
     args = ap.parse_args(argv[:split])
     command = argv[split + 1:]
     tracking.configure_environment()
     try:
+        if args.exp or args.queue:
+            from . import experiments
+
+            return experiments.submit_all(layout.repo_root(), args, command)
+        if args.git_remote or args.no_cache:
+            raise PipelineError("--git-remote / --no-cache: only for experiments (--exp, --queue)")
         if not command:
-            raise PipelineError("nothing to run after `--` (for example `-- dvc repro`)")
+            raise PipelineError("nothing to run after `--` (for example `-- dvc repro`), and no --exp / --queue")
         return submit(layout.repo_root(), command, args.address, args.params)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
