@@ -156,9 +156,8 @@ def run(cfg: Config, root: Path, prepared: Prepared) -> Path:
     name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(cfg, root)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.mlflow.experiment, artifact_location=tracking.artifact_location(root) if uri.startswith("sqlite:") else None)
+    exp_id = tracking.experiment_id(client, cfg.mlflow.experiment,
+                                    tracking.artifact_location(root) if uri.startswith("sqlite:") else None)
     parent = client.create_run(exp_id, run_name=name, tags={
         tracking.TAG_KIND: "sweep", tracking.TAG_REPO: str(layout.state_root(root)), tracking.TAG_OWNER: tracking.owner(),
         "iformer.git_commit": tracking.git_commit(root), "iformer.params_hash": cfg.params_hash()}).info.run_id
