@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import PipelineError
-from .base import LaxPath, Pair, Section, check_multiple_of_32, ordered_pair
+from .base import LaxPath, Location, Pair, Section, check_multiple_of_32, ordered_pair
 from .dense import DetectionConfig, SegmentationConfig
 from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, LatencyConfig, OnnxExportConfig
 from .sweep import SweepConfig
@@ -142,7 +142,9 @@ class RayConfig(Section):
     cpus_per_worker: float = Field(2.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    storage_path: LaxPath = Path("ray_results")
+    # Relative: inside the repo (a local Ray only). A cluster needs storage every
+    # node reaches: an absolute path on a shared mount, or a URI (s3://, gs://, ...).
+    storage_path: Location = Field("ray_results", min_length=1)
     max_failures: int = Field(0, ge=-1)
     # Local Ray only: cap on CPUs it may use (null: all of this machine's).
     local_num_cpus: Optional[int] = Field(None, gt=0)
