@@ -68,6 +68,8 @@ class DataConfig(Section):
 class AugConfig(Section):
     rand_augment: Optional[str] = None  # timm auto_augment string, e.g. rand-m9-mstd0.5-inc1
     hflip: float = Field(0.0, ge=0.0, le=1.0)
+    # Brightness/contrast/saturation factor (timm's default); only without rand_augment. 0: off.
+    color_jitter: float = Field(0.4, ge=0.0)
     scale: Pair = (0.7, 1.0)
     ratio: Pair = (0.75, 4.0 / 3.0)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
@@ -117,6 +119,10 @@ class TrainConfig(Section):
     channels_last: bool = False
     log_every_batches: int = Field(10, gt=0)
     checkpoints_to_keep: int = Field(2, gt=0)
+    # BatchNorm normalises with its running statistics and does not update them
+    # (its scale and shift still train): results then do not depend on how the
+    # global batch is split over workers. For fine-tuning from train.resume_from.
+    freeze_bn: bool = False
     # Start from this checkpoint: a Ray Train checkpoint dir / state.pt (full
     # training state) or a pretrain model.pt (weights only). Runs interrupted
     # with the same config resume from ray.storage_path by themselves.
