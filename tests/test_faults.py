@@ -210,7 +210,12 @@ def test_a_lost_node_ends_the_run_in_one_error_line_and_a_rerun_resumes(tmp_path
 
     cluster._start(f"node{len(cluster.nodes)}", head=False)  # the node comes back
     wait_for(lambda: cluster._alive_nodes() >= 2, 120, "the replacement node")
+    [failed] = pretrain_runs(cluster, repo)
+    assert failed.info.status == "FAILED"
     again = repo.stage("pretrain")
     assert "from ray checkpoint" in again.stderr, again.stderr[-3000:]
     manifest = json.loads((repo.path / "artifacts/pretrain/manifest.json").read_text())
     assert manifest["epochs"] == 3
+    [run] = pretrain_runs(cluster, repo)  # the failed attempt's run, continued
+    assert run.info.run_id == failed.info.run_id == manifest["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert_one_value_per_epoch(cluster.mlflow.client(), run.info.run_id, 3)
