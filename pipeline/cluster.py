@@ -74,12 +74,14 @@ def check(cfg) -> None:
 
     Ray's own connect retries for minutes; this probe runs before any MLflow
     run is opened. `auto` is resolved by Ray itself when it connects. A
-    cluster also needs a tracking store its workers can reach (`check_tracking`).
+    cluster also needs storage and a tracking store its workers can reach
+    (`check_storage`, `check_tracking`).
     """
     addr = address(cfg)
     if not addr:
         return
     if addr == "auto":  # resolved by Ray itself when it connects
+        check_storage(cfg, addr)
         check_tracking(cfg, addr)
         return
     hp = _host_port(addr)
@@ -92,7 +94,25 @@ def check(cfg) -> None:
     except OSError as err:
         raise PipelineError(f"{field}: nothing answers at {addr} within {cfg.ray.connect_timeout_s:g} s "
                             f"({err.strerror or err}); start the cluster or fix the address") from None
+    check_storage(cfg, addr)
     check_tracking(cfg, addr)
+
+
+def check_storage(cfg, addr: str) -> None:
+    """A cluster's workers write checkpoints on their own nodes: a path inside this repo is not shared.
+
+    Ray Train V2 persists every checkpoint to `storage_path` from the worker
+    that reports it and restores from there after a restart, on whatever node,
+    so the path must name the same place on every node. An absolute path is
+    taken as a shared mount (it is the user's statement); a URI is remote storage.
+    """
+    sp = str(cfg.ray.storage_path)
+    if "://" in sp or Path(sp).is_absolute():
+        return
+    raise PipelineError(f"ray.storage_path: {sp!r} is a directory inside this repo, which only this machine "
+                        f"reaches; a run on the Ray cluster at {addr} can place its workers on any node, and Ray "
+                        "Train writes and restores checkpoints from each of them, so it needs storage every node "
+                        "reaches: an absolute path on a shared mount (NFS) or a URI (s3://, gs://, abfs://, ...)")
 
 
 def check_tracking(cfg, addr: str) -> None:

@@ -284,6 +284,7 @@ def build_transforms(cfg, training: bool):
             ratio=tuple(a.ratio),
             hflip=a.hflip,
             auto_augment=a.rand_augment,
+            color_jitter=a.color_jitter or None,
             interpolation=a.interpolation,
             re_prob=a.re_prob,
             re_mode="pixel",

@@ -4,8 +4,9 @@
 before Ray starts. `run` launches a `TorchTrainer` whose run name is derived
 from the training config and the data fingerprint, so rerunning an interrupted
 stage with the same config finds its checkpoints in `ray.storage_path` and
-resumes; it then writes `artifacts/pretrain/` (final weights, metric history,
-manifest) and logs them to MLflow.
+resumes, in the MLflow run the interrupted attempt logged to
+(`interrupted_run`); it then writes `artifacts/pretrain/` (final weights,
+metric history, manifest) and logs them to MLflow.
 """
 from __future__ import annotations
 
@@ -81,10 +82,17 @@ def check(cfg: Config, root: Path) -> Inputs:
     return Inputs(prepared, name, teacher_path)
 
 
+def interrupted_run(cfg: Config, root: Path, inputs: Inputs) -> str | None:
+    """The MLflow run of an earlier attempt at this Ray run: a resumed run continues it (`stage.main`)."""
+    return trainer.recorded_run(cfg, root, inputs.run_name)
+
+
 def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
     """Run the Ray Train job; returns the final training state dict."""
     from .train import train_loop_per_worker
 
+    if srun is not None:
+        trainer.remember_run(cfg, root, inputs.run_name, srun.run_id)
     result = trainer.fit(cfg, root, "pretrain", inputs.run_name, train_loop_per_worker, {
         "cfg": cfg.to_dict(),
         "prepared_dir": str(inputs.prepared.dir),

@@ -3,9 +3,12 @@
 A stage is two functions from `pipeline/`: `check(cfg, root)` validates every
 input it will read and returns them (no MLflow run, no Ray yet), and
 `run(cfg, root, inputs, stage_run)` does the work inside the stage's MLflow child
-run. Bad input becomes one `error: ...` line and exit status 2; a stage
-stopped by a signal or by the death of its `dvc` (see `lifecycle`) ends its
-MLflow runs as KILLED, says so in one line and exits 128 + the signal number.
+run. A stage that resumes interrupted work (a Ray run's checkpoints) also
+names, with `reopen(cfg, root, inputs)`, the MLflow run of the interrupted
+attempt, which then continues instead of a new child run (`tracking.stage_run`).
+Bad input becomes one `error: ...` line and exit status 2; a stage stopped by a
+signal or by the death of its `dvc` (see `lifecycle`) ends its MLflow runs as
+KILLED, says so in one line and exits 128 + the signal number.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from .errors import PipelineError
 
 Check = Callable[[Config, Path], Any]
 Run = Callable[[Config, Path, Any, "tracking.StageRun"], None]
+Reopen = Callable[[Config, Path, Any], "str | None"]
 
 
-def main(stage: str, check: Check, run: Run, argv: list[str] | None = None) -> int:
+def main(stage: str, check: Check, run: Run, argv: list[str] | None = None, reopen: Reopen | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
     ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
     args = ap.parse_args(argv)
@@ -36,7 +40,8 @@ def main(stage: str, check: Check, run: Run, argv: list[str] | None = None) -> i
         uri = tracking.tracking_uri(cfg, root)
         tracking.check_reachable(uri)
         inputs = check(cfg, root)
-        with tracking.stage_run(cfg, stage, root) as srun:
+        earlier = reopen(cfg, root, inputs) if reopen else None
+        with tracking.stage_run(cfg, stage, root, reopen=earlier) as srun:
             run(cfg, root, inputs, srun)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -61,5 +66,5 @@ def _load(path) -> Config:
         raise
 
 
-def exit_with(stage: str, check: Check, run: Run) -> None:
-    sys.exit(main(stage, check, run))
+def exit_with(stage: str, check: Check, run: Run, reopen: Reopen | None = None) -> None:
+    sys.exit(main(stage, check, run, reopen=reopen))

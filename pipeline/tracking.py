@@ -35,6 +35,7 @@ TAG_HEADLINE = "iformer.headline"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_REPO = "iformer.repo"
 TAG_OWNER = "iformer.owner"  # host:pid:start-ms of the process whose death ends the run
+TAG_ATTEMPTS = "iformer.attempts"  # how many times the stage ran in this child run (reopened after an interrupt)
 #: What MLflow's tracking stores accept (a database URI may name a driver: mysql+pymysql://).
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
@@ -248,12 +249,17 @@ def _parent_run(client, exp_id: str, cfg, root: Path, stage: str) -> str:
     return run.info.run_id
 
 
-def _log_config(client, run_id: str, cfg) -> None:
+def _log_config(client, run_id: str, cfg, logged: dict | None = None) -> None:
+    """Params and the resolved config; a reopened run keeps the params it has (MLflow's are write-once)."""
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+    logged = logged or {}
+    params = [Param(k, str(v)) for k, v in cfg.flat().items() if k not in logged]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
+    changed = {k: [logged[k], str(v)] for k, v in cfg.flat().items() if k in logged and logged[k] != str(v)}
+    if changed:  # settings outside the training config (ray.*, evaluate.*, ...) may differ between attempts
+        client.set_tag(run_id, "iformer.params_changed_on_reopen", json.dumps(changed)[:5000])
     client.log_dict(run_id, cfg.to_dict(), "config/resolved.yaml")
 
 
@@ -317,9 +323,32 @@ def _link_upstream(client, exp_id: str, parent_id: str, stage: str, cfg, root: P
         client.set_terminated(linked.info.run_id, "FINISHED")
 
 
+def _interrupted(client, exp_id: str, run_id: str | None, stage: str, root: Path):
+    """`run_id` if it is this repo's `stage` run and ended KILLED or FAILED (else None: open a new one)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # gone, or written to another tracking store
+        return None
+    tags = run.data.tags
+    if (run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active" or tags.get(TAG_STAGE) != stage
+            or tags.get(TAG_REPO) != str(layout.state_root(root)) or run.info.status not in ("KILLED", "FAILED")):
+        return None
+    return run
+
+
 @contextmanager
-def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
-    """The child run of `stage` inside this invocation's parent run."""
+def stage_run(cfg, stage: str, root: Path, reopen: str | None = None) -> Iterator[StageRun]:
+    """The child run of `stage` inside this invocation's parent run.
+
+    `reopen` names the child run of an interrupted attempt this one continues
+    (a Ray run resumed from its checkpoints): if it ended KILLED or FAILED it
+    runs again, moved under this invocation's parent, with its metrics, so the
+    resumed steps follow the ones it holds. Otherwise a new child run opens.
+    """
     import mlflow
 
     uri, client, exp_id = _connect(cfg, root)
@@ -328,8 +357,16 @@ def stage_run(cfg, stage: str, root: Path) -> Iterator[StageRun]:
     client.update_run(parent_id, status="RUNNING")
     _link_upstream(client, exp_id, parent_id, stage, cfg, root)
     tags = {**identity_tags(cfg, root), TAG_STAGE: stage, TAG_OWNER: owner()}
-    run = mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags)
-    _log_config(client, run.info.run_id, cfg)
+    earlier = _interrupted(client, exp_id, reopen, stage, root)
+    if earlier is None:
+        run = mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent_id, tags=tags)
+        _log_config(client, run.info.run_id, cfg)
+    else:
+        old = earlier.data.tags
+        run = mlflow.start_run(run_id=earlier.info.run_id, tags={
+            **tags, TAG_PARENT: parent_id, TAG_ATTEMPTS: str(int(old.get(TAG_ATTEMPTS, "1")) + 1),
+            "iformer.previous_parent_run_id": old.get(TAG_PARENT, "")})
+        _log_config(client, run.info.run_id, cfg, logged=earlier.data.params)
     status = "FAILED"
     try:
         yield StageRun(run.info.run_id, parent_id, uri, exp_id)

@@ -54,13 +54,14 @@ def build_loaders(cfg: Config, prepared: Prepared, rank: int, world: int, use_gp
     train_ds = ImageListDataset(prepared, "train", build_transforms(cfg, training=True))
     val_ds = ImageListDataset(prepared, "val", build_transforms(cfg, training=False))
     per_worker = cfg.per_worker_batch
-    sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True) \
-        if world > 1 else None
+    # One shuffled order per (seed, epoch), whatever the worker count: rank r takes
+    # positions r, r + world, ... of it, so the ranks' i-th batches together are the
+    # i-th global batch of a single worker, and a resumed epoch sees the same order.
+    sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     workers = cfg.data.loader_workers
     common = dict(num_workers=workers, pin_memory=use_gpu, persistent_workers=workers > 0)
-    train = DataLoader(train_ds, batch_size=per_worker, shuffle=sampler is None, sampler=sampler,
-                       drop_last=True, generator=gen, **common)
+    train = DataLoader(train_ds, batch_size=per_worker, sampler=sampler, drop_last=True, generator=gen, **common)
     # Each rank evaluates a disjoint stride of val (no padding), sums are reduced.
     val = DataLoader(Subset(val_ds, range(rank, len(val_ds), world)), batch_size=cfg.evaluate.batch_size,
                      shuffle=False, **common)
@@ -149,9 +150,23 @@ def validate(model: nn.Module, loader: DataLoader, cfg: Config, device: torch.de
     return {"loss": loss_sum / max(n, 1), "top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
 
 
+def freeze_batchnorm(model: nn.Module) -> None:
+    """BatchNorm normalises with its running statistics and leaves them be; its affine part still trains.
+
+    Each sample's output then depends on that sample alone, so a global batch
+    split over workers gives the gradient of the same batch on one worker (the
+    CPU has no SyncBatchNorm to share per-batch statistics across ranks).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def train_one_epoch(c: Components, loader: DataLoader, cfg: Config, device: torch.device, epoch: int,
                     global_step: int, progress=None) -> tuple[dict, int]:
     c.model.train()
+    if cfg.train.freeze_bn:
+        freeze_batchnorm(c.bare)
     loss_sum = seen = 0.0
     start = time.perf_counter()
     for i, (images, targets) in enumerate(loader):
@@ -327,8 +342,7 @@ def train_loop_per_worker(config: dict) -> None:
         report(history[-1])  # already complete: hand the final state back to the driver
         return
     for epoch in range(start_epoch, cfg.train.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         tstart = time.perf_counter()
         train_stats, step = train_one_epoch(c, train_loader, cfg, device, epoch, step, progress)
         # The bare network, not the DDP wrapper: ranks hold unequal val shards, and

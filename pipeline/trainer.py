@@ -3,9 +3,12 @@
 :func:`fit` starts (or joins) Ray through :func:`cluster.session`, runs a
 `TorchTrainer` whose Ctrl-C stays ours, and turns a failed run into one
 `ray: ...` line naming the worker, the cause and Ray's own log.
+:func:`remember_run` notes the stage's MLflow run beside the Ray run, so a
+rerun that resumes the Ray run continues that MLflow run (:func:`recorded_run`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -32,6 +35,28 @@ def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, sca
             raise PipelineError(training_failure(err, cfg, log_file)) from None
         except RayError as err:  # the run's controller itself died (Ray's OOM killer, a lost head node)
             raise PipelineError(controller_failure(err, log_file)) from None
+
+
+#: Beside the Ray run's lock and log: the MLflow run its stage logs to.
+RUN_RECORD = "mlflow_run.json"
+
+
+def remember_run(cfg, root: Path, run_name: str, mlflow_run_id: str) -> None:
+    """Record which MLflow run trains `run_name` (removed with the checkpoints after success)."""
+    path = cluster.run_dir(cfg, root, run_name) / RUN_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"mlflow_run_id": mlflow_run_id}) + "\n")
+    tmp.replace(path)
+
+
+def recorded_run(cfg, root: Path, run_name: str) -> str | None:
+    """The MLflow run an earlier attempt at `run_name` logged to, if one is recorded."""
+    path = cluster.run_dir(cfg, root, run_name) / RUN_RECORD
+    try:
+        return json.loads(path.read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: a new run
+        return None
 
 
 def trainer_class():

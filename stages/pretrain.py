@@ -2,4 +2,4 @@
 from pipeline import pretrain, stage
 
 if __name__ == "__main__":
-    stage.exit_with("pretrain", pretrain.check, pretrain.run)
+    stage.exit_with("pretrain", pretrain.check, pretrain.run, reopen=pretrain.interrupted_run)

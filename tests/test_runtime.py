@@ -263,14 +263,21 @@ def test_killing_dvc_stops_the_trainer_and_the_next_repro_resumes(tmp_path):
         assert _all_gone(family, timeout=60) == [], "no orphaned trainer or Ray daemon"
     finally:
         _kill_group(dvc.pid)
-    runs = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
-    assert [r.info.status for r in runs] == ["KILLED"]
+    [killed] = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
+    assert killed.info.status == "KILLED"
 
     again = repo.run("dvc", "repro", "pretrain", timeout=900)  # the rest of the chain is not this test's concern
     resumed = re.search(r"starting at epoch (\d+) from ray checkpoint", again.stderr)
     assert resumed and 1 <= int(resumed[1]) < 6, again.stderr[-3000:]
-    statuses = sorted(r.info.status for r in repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'"))
-    assert statuses == ["FINISHED", "KILLED"]
+    # The resumed Ray run continues the killed attempt's MLflow run, now under the new pipeline run.
+    [run] = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
+    manifest = json.loads((repo.path / "artifacts/pretrain/manifest.json").read_text())
+    assert run.info.run_id == killed.info.run_id == manifest["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_PARENT] == manifest["mlflow_parent_run_id"] != killed.data.tags[tracking.TAG_PARENT]
+    assert run.data.tags[tracking.TAG_ATTEMPTS] == "2"
+    for key in ("train_loss", "val_top1", "lr"):
+        steps = [m.step for m in repo.mlflow_client().get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3, 4, 5, 6], (key, steps)  # each epoch once
 
 
 def test_ctrl_c_stops_the_pipeline_and_marks_its_runs_killed(fast_repo):
@@ -302,13 +309,15 @@ def test_sigkilled_stage_takes_its_ray_along_and_its_runs_are_closed_next_time(f
     [orphan] = repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")
     assert orphan.info.status == "RUNNING"
 
-    again = repo.stage("pretrain")  # the next run closes what the dead process left open, and resumes
+    again = repo.stage("pretrain")  # the next run closes what the dead process left open, and resumes in it
     assert "from ray checkpoint" in again.stderr or "from scratch" in again.stderr
-    closed = repo.mlflow_client().get_run(orphan.info.run_id)
-    assert closed.info.status == "KILLED"
-    assert "process was gone" in closed.data.tags["iformer.closed_because"]
-    parent = repo.mlflow_client().get_run(orphan.data.tags[tracking.TAG_PARENT])
-    assert parent.info.status == "KILLED"
+    resumed = repo.mlflow_client().get_run(orphan.info.run_id)
+    assert "process was gone" in resumed.data.tags["iformer.closed_because"]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags[tracking.TAG_ATTEMPTS] == "2"
+    assert [r.info.run_id for r in repo.runs(f"tags.`{tracking.TAG_STAGE}` = 'pretrain'")] == [orphan.info.run_id]
+    old_parent = orphan.data.tags[tracking.TAG_PARENT]
+    assert repo.mlflow_client().get_run(old_parent).info.status == "KILLED"
+    assert resumed.data.tags["iformer.previous_parent_run_id"] == old_parent != resumed.data.tags[tracking.TAG_PARENT]
 
 
 def test_a_dead_training_worker_ends_in_one_error_line(fast_repo):

@@ -89,3 +89,43 @@ def test_manifest_is_written_atomically(store):
     path = tracking.write_manifest("report", store, srun, top1=0.5)
     assert json.loads(path.read_text())["top1"] == 0.5
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_an_interrupted_stage_run_is_reopened_under_the_new_parent_with_its_metrics(store, monkeypatch):
+    import mlflow
+
+    from pipeline.train import MetricLogger
+
+    cfg = Config()
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run(cfg, "pretrain", store) as first:
+            MetricLogger(first.tracking_uri, first.run_id).log({"epoch": 0, "train_loss": 2.0})
+            raise KeyboardInterrupt  # Ctrl-C after epoch 1
+    client, _ = _runs(store, cfg)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    monkeypatch.setenv("IFORMER_PIPELINE_RUN", "test-invocation-2")  # the rerun: a new pipeline run
+    changed = Config.model_validate({"ray": {"max_failures": 2}})  # not part of the training config
+    with tracking.stage_run(changed, "pretrain", store, reopen=first.run_id) as again:
+        assert mlflow.active_run().info.run_id == first.run_id
+        logger = MetricLogger(again.tracking_uri, again.run_id)
+        for epoch, loss in enumerate([2.0, 1.5]):  # the resumed loop offers its whole history
+            logger.log({"epoch": epoch, "train_loss": loss})
+    assert again.run_id == first.run_id and again.parent_run_id != first.parent_run_id
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_PARENT] == again.parent_run_id
+    assert run.data.tags[tracking.TAG_ATTEMPTS] == "2"
+    assert run.data.tags["iformer.previous_parent_run_id"] == first.parent_run_id
+    assert json.loads(run.data.tags["iformer.params_changed_on_reopen"]) == {"ray.max_failures": ["0", "2"]}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")] == [(1, 2.0), (2, 1.5)]
+
+    # Finished, unknown or another stage's runs are not reopened: a new child run opens.
+    monkeypatch.setenv("IFORMER_PIPELINE_RUN", "test-invocation-3")
+    for other in (first.run_id, "0" * 32):
+        with tracking.stage_run(cfg, "pretrain", store, reopen=other) as fresh:
+            assert fresh.run_id not in (first.run_id, other)
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run(cfg, "evaluate", store) as failed:
+            raise RuntimeError("boom")
+    with tracking.stage_run(cfg, "pretrain", store, reopen=failed.run_id) as fresh:
+        assert fresh.run_id != failed.run_id

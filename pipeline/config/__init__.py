@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import PipelineError
-from .base import LaxPath, Pair, Section, check_multiple_of_32, ordered_pair
+from .base import LaxPath, Location, Pair, Section, check_multiple_of_32, ordered_pair
 from .dense import DetectionConfig, SegmentationConfig
 from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, LatencyConfig, OnnxExportConfig
 from .sweep import SweepConfig
@@ -70,6 +70,8 @@ class DataConfig(Section):
 class AugConfig(Section):
     rand_augment: Optional[str] = None  # timm auto_augment string, e.g. rand-m9-mstd0.5-inc1
     hflip: float = Field(0.0, ge=0.0, le=1.0)
+    # Brightness/contrast/saturation factor (timm's default); only without rand_augment. 0: off.
+    color_jitter: float = Field(0.4, ge=0.0)
     scale: Pair = (0.7, 1.0)
     ratio: Pair = (0.75, 4.0 / 3.0)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
@@ -119,6 +121,10 @@ class TrainConfig(Section):
     channels_last: bool = False
     log_every_batches: int = Field(10, gt=0)
     checkpoints_to_keep: int = Field(2, gt=0)
+    # BatchNorm normalises with its running statistics and does not update them
+    # (its scale and shift still train): results then do not depend on how the
+    # global batch is split over workers. For fine-tuning from train.resume_from.
+    freeze_bn: bool = False
     # Start from this checkpoint: a Ray Train checkpoint dir / state.pt (full
     # training state) or a pretrain model.pt (weights only). Runs interrupted
     # with the same config resume from ray.storage_path by themselves.
@@ -144,7 +150,9 @@ class RayConfig(Section):
     cpus_per_worker: float = Field(2.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    storage_path: LaxPath = Path("ray_results")
+    # Relative: inside the repo (a local Ray only). A cluster needs storage every
+    # node reaches: an absolute path on a shared mount, or a URI (s3://, gs://, ...).
+    storage_path: Location = Field("ray_results", min_length=1)
     max_failures: int = Field(0, ge=-1)
     # Local Ray only: cap on CPUs it may use (null: all of this machine's).
     local_num_cpus: Optional[int] = Field(None, gt=0)

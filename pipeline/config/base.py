@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from os import PathLike
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Strict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict
 
 # Strict: YAML already gives real numbers and booleans, so `"6"`, `true` for a
 # number or `"yes"` for a flag is a mistake to report, not a value to coerce.
@@ -17,6 +18,9 @@ class Section(BaseModel):
 LaxPath = Annotated[Path, Strict(False)]
 Pair = Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Strict(False)]
 IntPair = Annotated[tuple[Annotated[int, Strict()], Annotated[int, Strict()]], Strict(False)]
+# A local path or a URI (s3://bucket/dir): kept as text, since a Path would
+# collapse the URI's `//` (s3:/bucket/dir).
+Location = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, PathLike) else v)]
 
 
 def check_multiple_of_32(v: int) -> int:
