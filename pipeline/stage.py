@@ -28,28 +28,43 @@ Reopen = Callable[[Config, Path, Any], "str | None"]
 
 
 def main(stage: str, check: Check, run: Run, argv: list[str] | None = None, reopen: Reopen | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
-    ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
-    args = ap.parse_args(argv)
-    lifecycle.install()
-    tracking.configure_environment()
-    logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s", stream=sys.stderr)
-    root = layout.repo_root()
-    try:
-        cfg = _load(args.params or root / "params.yaml")
-        uri = tracking.tracking_uri(cfg, root)
-        tracking.check_reachable(uri)
+    def body(cfg: Config, root: Path) -> None:
         inputs = check(cfg, root)
         earlier = reopen(cfg, root, inputs) if reopen else None
         with tracking.stage_run(cfg, stage, root, reopen=earlier) as srun:
             run(cfg, root, inputs, srun)
+
+    return entry(f"python -m stages.{stage}", stage, body, argv, interrupted_hint=(
+        "nothing was recorded as finished, and a rerun picks up from the last checkpoint"))
+
+
+def entry(prog: str, name: str, body: Callable[[Config, Path], None], argv: list[str] | None = None,
+          interrupted_hint: str = "") -> int:
+    """A pipeline command's start-up and exits around `body(cfg, root)`: stages and sweeps alike.
+
+    `--params`, signal handling and the parent watchdog, the tracking
+    environment, `[name]` log lines, the params file loaded (with the `dvc exp
+    run` hint), the tracking server checked; then one `error:` line and exit 2
+    for bad input, or exit 128 + n when interrupted.
+    """
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
+    args = ap.parse_args(argv)
+    lifecycle.install()
+    tracking.configure_environment()
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s", stream=sys.stderr)
+    root = layout.repo_root()
+    try:
+        cfg = _load(args.params or root / "params.yaml")
+        tracking.check_reachable(tracking.tracking_uri(cfg, root))
+        body(cfg, root)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C, or lifecycle.Interrupted for SIGTERM/SIGHUP/parent gone
         why, status = lifecycle.stop_reason()
-        print(f"error: {stage}: interrupted ({why}); nothing was recorded as finished, and a rerun "
-              "picks up from the last checkpoint", file=sys.stderr)
+        print(f"error: {name}: interrupted ({why})" + (f"; {interrupted_hint}" if interrupted_hint else ""),
+              file=sys.stderr)
         return status
     return 0
 

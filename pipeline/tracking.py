@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import layout, lifecycle, store
+from .invocation import dvc_experiment, git_commit, invocation_key, owner, owner_alive, started_ms
 from .errors import PipelineError
 
 TAG_KIND = "iformer.kind"
@@ -84,62 +83,18 @@ def check_reachable(uri: str) -> None:
                             f"{', '.join(s + '://' for s in TRACKING_SCHEMES)}")
 
 
-def dvc_experiment() -> str:
-    """The DVC experiment this process runs in ('' outside `dvc exp run`)."""
-    return os.environ.get("DVC_EXP_NAME", "")
-
-
-def _started_ms(pid: int) -> int | None:
-    import psutil
-
-    try:
-        return int(psutil.Process(pid).create_time() * 1000)
-    except (psutil.Error, OSError):
-        return None
-
-
-def owner(pid: int | None = None) -> str:
-    pid = pid or os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_started_ms(pid)}"
-
-
-def invocation_key() -> str:
-    explicit = os.environ.get("IFORMER_PIPELINE_RUN")
-    if explicit:
-        return explicit
-    proc = lifecycle.dvc_process()
-    if proc is not None:
-        return f"dvc:{proc.pid}:{_started_ms(proc.pid)}:{dvc_experiment()}"
-    return f"standalone:{os.getpid()}:{int(time.time() * 1000)}"
-
-
-def _owner_alive(tag: str) -> bool:
-    host, pid, started = tag.rsplit(":", 2)
-    if host != socket.gethostname():
-        return True  # another machine's process: not ours to judge
-    return pid.isdigit() and str(_started_ms(int(pid))) == started
-
-
 def close_stale_runs(client, exp_id: str, root: Path) -> list[str]:
     """Mark KILLED the RUNNING runs of this repo whose owning process is gone (a `kill -9`)."""
     repo = str(layout.state_root(root))
     stale = []
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
-        if tags.get(TAG_REPO) != repo or not tags.get(TAG_OWNER) or _owner_alive(tags[TAG_OWNER]):
+        if tags.get(TAG_REPO) != repo or not tags.get(TAG_OWNER) or owner_alive(tags[TAG_OWNER]):
             continue
         client.set_tag(run.info.run_id, "iformer.closed_because", "its process was gone when the next pipeline run started")
         client.set_terminated(run.info.run_id, "KILLED")
         stale.append(run.info.run_id)
     return stale
-
-
-def git_commit(root: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @dataclass
@@ -241,7 +196,7 @@ def _parent_run(client, exp_id: str, cfg, root: Path, stage: str) -> str:
         "mlflow.runName": name,
     }
     # The pipeline started when `dvc` did: the parent's duration covers every stage.
-    started = _started_ms(dvc_proc.pid) if dvc_proc else None
+    started = started_ms(dvc_proc.pid) if dvc_proc else None
     run = client.create_run(exp_id, run_name=name, tags=tags, start_time=started)
     _log_config(client, run.info.run_id, cfg)
     if changed:

@@ -1,0 +1,57 @@
+"""Keeping the local Ray's daemons out of the training workers' way on a small machine."""
+from __future__ import annotations
+
+#: Ray's process titles for the training workers; everything else of a local
+#: Ray (gcs, raylet, dashboard, agents, the Train controller) is a daemon.
+TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
+
+
+class Renicer:
+    """Lowers the CPU priority of the local Ray's daemons while training runs.
+
+    gcs, dashboard, agents, monitors and the Train controller wake up every
+    second or so; at equal priority each wake-up stalls the training threads,
+    which on a 2-core machine hold both cores. Training workers, idle workers
+    (which become training workers) and the raylet (whose niceness the workers
+    it forks would inherit) keep theirs. Re-scanned every 2 s, since actors
+    start after `ray.init`.
+    """
+
+    def __init__(self, niceness: int):
+        import threading
+
+        self.niceness = niceness
+        self.done = threading.Event()
+        self.thread = None
+        if niceness > 0:
+            self.scan()
+            self.thread = threading.Thread(target=self.loop, name="ray-renicer", daemon=True)
+            self.thread.start()
+
+    def loop(self) -> None:
+        while not self.done.wait(2.0):
+            self.scan()
+
+    def scan(self) -> None:
+        import psutil
+
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if self.is_daemon(proc.cmdline(), proc.name()) and proc.nice() < self.niceness:
+                    proc.nice(self.niceness)
+            except (psutil.Error, OSError):
+                continue  # gone, or not ours to change
+
+    @staticmethod
+    def is_daemon(cmdline: list[str], name: str) -> bool:
+        title = cmdline[0] if cmdline else name
+        if title.startswith("ray::"):  # an actor or task process, titled by Ray
+            return not title.startswith((TRAIN_WORKER_TITLE, "ray::IDLE"))
+        if any("default_worker.py" in part for part in cmdline[:3]):
+            return False  # a worker still starting up: it may become a training worker
+        return name != "raylet"
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
