@@ -1,7 +1,7 @@
 """How a stage process lives and dies.
 
-- SIGTERM and SIGHUP raise `Interrupted`, a KeyboardInterrupt, in the main
-  thread, as Ctrl-C does, so every `finally` runs: the MLflow runs are marked
+- SIGINT, SIGTERM and SIGHUP raise `Interrupted`, a KeyboardInterrupt, in the
+  main thread, so every `finally` runs: the MLflow runs are marked
   KILLED, the local Ray is shut down with its workers, no manifest is written.
   (A KeyboardInterrupt because Ray's blocking calls turn exactly that, and no
   other exception from a signal handler, into an interruption.)
@@ -42,20 +42,31 @@ class Interrupted(KeyboardInterrupt):
     """The stage was told to stop (a signal, or its parent is gone)."""
 
 
+#: Set by the first stop signal: the stage is shutting down (marking its runs
+#: KILLED, stopping Ray), and neither the watchdog nor a further SIGTERM/SIGHUP
+#: may interrupt that. (Ctrl-C keeps its meaning: a second one stops at once.)
+stopping: bool = False
+
+
 def _raise(signum, _frame):
-    global received
-    received = signum
+    global received, stopping
+    if stopping and signum != signal.SIGINT:
+        return
+    received, stopping = signum, True
     raise Interrupted(signal.Signals(signum).name)
 
 
 def handle_signals() -> None:
-    """SIGTERM and SIGHUP raise `Interrupted` (main thread only).
+    """SIGINT, SIGTERM and SIGHUP raise `Interrupted`, a KeyboardInterrupt (main thread only).
 
     Called again after `ray.init`, whose C++ core installs its own SIGTERM
     handler that aborts the process.
     """
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise)
+    # A stage started in the background of a script inherits SIGINT ignored: leave it so.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _raise)
 
 
 def dvc_process():
@@ -115,6 +126,8 @@ def install() -> None:
         ev = threading.Event()
         while not ev.wait(1.0):
             # re-parented, or an ancestor up to `dvc` is gone (or a zombie): whoever started us is gone
+            if stopping:  # already shutting down: let it finish
+                return
             if os.getppid() != parent or any(_gone(p) for p in watched):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return

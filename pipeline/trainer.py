@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 from pathlib import Path
 
-from . import cluster
+from . import cluster, lifecycle
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,14 @@ def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, sca
     with cluster.session(cfg, root, stage, log_file):
         log.info("Ray's own log: %s", log_file)
         try:
-            return job.fit()
+            result = job.fit()
         except TrainingFailedError as err:
             raise PipelineError(training_failure(err, cfg, log_file)) from None
         except RayError as err:  # the run's controller itself died (Ray's OOM killer, a lost head node)
             raise PipelineError(controller_failure(err, log_file)) from None
+        if lifecycle.stopping:  # a stop signal arrived but Ray's blocking call swallowed its exception
+            raise lifecycle.Interrupted(signal.Signals(lifecycle.received).name)
+        return result
 
 
 #: Beside the Ray run's lock and log: the MLflow run its stage logs to.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests stop stages with Ctrl-C (SIGINT). A suite started in the background of a
+# script inherits SIGINT ignored, and so would every process it starts: give them Python's
+# own handling back (a handler here becomes the default disposition in the children).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 VENV_BIN = Path(sys.executable).parent
 
 # Small but real: 32 px digits, iformer_t, two epochs.
