@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -39,6 +40,20 @@ class Lines:
 
     def text(self) -> str:
         return "\n".join(line for _, line in self.lines)
+
+
+@contextmanager
+def pretrain_stage(repo):
+    """The pretrain stage in a process of its own, with its stderr lines; killed if still running after."""
+    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo.path, env=repo.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = Lines(stage)
+    try:
+        yield stage, lines
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+        lines.thread.join(timeout=10)
 
 
 def latest_checkpoint(storage: Path) -> int:
@@ -85,11 +100,8 @@ def test_three_killed_workers_each_resume_from_the_latest_checkpoint_and_mlflow_
         "max_failures": failures, "storage_path": str(storage)}})
     repo.stage("prepare")
     seen = {pid for pid, _, _ in ray_query(cluster, TRAIN_WORKERS)}
-    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo.path, env=repo.env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = Lines(stage)
     restarts = []  # per failure: (seconds kill -> resumed, checkpoint at the kill, epoch resumed at, latest then)
-    try:
+    with pretrain_stage(repo) as (stage, lines):
         _, start_epoch, origin = started(lines, 0.0)
         assert start_epoch == 0 and origin == "scratch", origin
         for failure in range(failures):
@@ -106,10 +118,6 @@ def test_three_killed_workers_each_resume_from_the_latest_checkpoint_and_mlflow_
             assert origin.startswith("ray checkpoint") and f"epoch-{start_epoch:04d}" in origin, origin
             assert start_epoch < epochs, "killed before the run could finish"
         stage.wait(timeout=900)
-    finally:
-        if stage.poll() is None:
-            stage.kill()
-    lines.thread.join(timeout=10)
     err = lines.text()
     assert stage.returncode == 0, err[-4000:]
     finished = lines.lines[-1][0]
@@ -139,19 +147,12 @@ def test_an_interrupted_driver_leaves_no_workers_and_a_rerun_continues_the_same_
     repo.stage("prepare")
     attempts = []  # per interruption: the MLflow run, the Ray run dir resumed from
     for sig in (signal.SIGTERM, signal.SIGINT):
-        stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo.path, env=repo.env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lines = Lines(stage)
-        try:
+        with pretrain_stage(repo) as (stage, lines):
             _, start_epoch, origin = started(lines, 0.0)
             wait_for(lambda: latest_checkpoint(storage) > start_epoch, 600, "a new checkpoint")
             stopped_at = time.time()
             stage.send_signal(sig)  # SIGTERM as a job scheduler sends; SIGINT as Ctrl-C
             stage.wait(timeout=120)
-        finally:
-            if stage.poll() is None:
-                stage.kill()
-        lines.thread.join(timeout=10)
         err = lines.text()
         assert stage.returncode == 128 + sig, err[-4000:]
         assert [line for line in err.splitlines() if line.startswith("error:")] == [
@@ -189,18 +190,11 @@ def test_a_lost_node_ends_the_run_in_one_error_line_and_a_rerun_resumes(tmp_path
     storage = cluster.storage / "node-loss"
     repo = cluster_repo(tmp_path / "repo", cluster, {"train": {"epochs": 3}, "ray": {"storage_path": str(storage)}})
     repo.stage("prepare")
-    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo.path, env=repo.env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = Lines(stage)
-    try:
+    with pretrain_stage(repo) as (stage, lines):
         wait_for(lambda: latest_checkpoint(storage) >= 1, 600, "the first checkpoint")
         lost = cluster.nodes[-1]
         lost.stop(grace=0)  # every process of the second node, SIGKILL by PID: a crashed machine
         stage.wait(timeout=600)
-    finally:
-        if stage.poll() is None:
-            stage.kill()
-    lines.thread.join(timeout=10)
     err = lines.text()
     assert stage.returncode == 2, err[-4000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
