@@ -6,8 +6,9 @@
   (A KeyboardInterrupt because Ray's blocking calls turn exactly that, and no
   other exception from a signal handler, into an interruption.)
 - A watchdog thread notices when the process that started the stage (`dvc`,
-  and any shell DVC put in between) is gone — `kill -9` of `dvc repro`, or SIGTERM, which DVC does not forward — and
-  interrupts the stage within about a second: no trainer outlives its pipeline.
+  and any shell DVC put in between) is gone — `kill -9` of `dvc repro`, or
+  SIGTERM, which DVC does not forward — and interrupts the stage within about
+  a second: no trainer outlives its pipeline.
   (DVC ignores a SIGINT sent to its PID alone while a stage runs; Ctrl-C in a
   terminal reaches the whole process group and stops the stage.)
 - `reaper(...)` starts a tiny watcher process that, once this process is gone
@@ -69,18 +70,19 @@ def handle_signals() -> None:
         signal.signal(signal.SIGINT, _raise)
 
 
+def _is_dvc(proc) -> bool:
+    cmd = proc.cmdline()
+    return any(os.path.basename(a) == "dvc" for a in cmd[:3]) or cmd[1:3] == ["-m", "dvc"]
+
+
 def dvc_process():
     """The `dvc` process this stage runs under, if any (psutil.Process)."""
     try:
         import psutil
 
-        for proc in psutil.Process().parents():
-            cmd = proc.cmdline()
-            if any(os.path.basename(a) == "dvc" for a in cmd[:3]) or cmd[1:3] == ["-m", "dvc"]:
-                return proc
+        return next((proc for proc in psutil.Process().parents() if _is_dvc(proc)), None)
     except Exception:  # psutil may be denied on some systems: fall back to standalone
-        pass
-    return None
+        return None
 
 
 def _ancestors() -> list:
@@ -92,16 +94,11 @@ def _ancestors() -> list:
     """
     import psutil
 
-    me = psutil.Process()
-    owner = dvc_process()
-    if owner is None:
-        return [me.parent()] if me.parent() else []
-    chain = []
-    for proc in me.parents():
-        chain.append(proc)
-        if proc.pid == owner.pid:
-            break
-    return chain
+    parents = psutil.Process().parents()
+    for i, proc in enumerate(parents):
+        if _is_dvc(proc):
+            return parents[: i + 1]
+    return parents[:1]
 
 
 def _gone(proc) -> bool:
@@ -125,9 +122,9 @@ def install() -> None:
     def watch() -> None:
         ev = threading.Event()
         while not ev.wait(1.0):
-            # re-parented, or an ancestor up to `dvc` is gone (or a zombie): whoever started us is gone
             if stopping:  # already shutting down: let it finish
                 return
+            # re-parented, or an ancestor up to `dvc` is gone (or a zombie): whoever started us is gone
             if os.getppid() != parent or any(_gone(p) for p in watched):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
