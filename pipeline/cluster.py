@@ -78,10 +78,13 @@ def check(cfg) -> None:
     addr = address(cfg)
     if not addr:
         return
-    if addr == "auto":  # resolved by Ray itself when it connects
-        check_storage(cfg, addr)
-        check_tracking(cfg, addr)
-        return
+    if addr != "auto":  # `auto` is resolved by Ray itself when it connects
+        _probe(cfg, addr)
+    check_storage(cfg, addr)
+    check_tracking(cfg, addr)
+
+
+def _probe(cfg, addr: str) -> None:
     hp = _host_port(addr)
     field = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
     if hp is None:
@@ -92,8 +95,6 @@ def check(cfg) -> None:
     except OSError as err:
         raise PipelineError(f"{field}: nothing answers at {addr} within {cfg.ray.connect_timeout_s:g} s "
                             f"({err.strerror or err}); start the cluster or fix the address") from None
-    check_storage(cfg, addr)
-    check_tracking(cfg, addr)
 
 
 def check_storage(cfg, addr: str) -> None:
