@@ -54,7 +54,7 @@ def dependency_paths(root: Path) -> list[str]:
 
 def dvc_command(root: Path, extra: list[str]) -> list[str]:
     drop = "^(" + "|".join([re.escape(d) for d in dependency_paths(root)] + list(NOISY_METRICS) + ["Created"]) + ")$"
-    keep = r"^(top1|top5|params_m|gmacs_224|.*\.median|bbox_ap|segm_ap|miou|img_per_sec|train_s)$"
+    keep = "^(" + "|".join([re.escape(key) for _, _, key, _, _ in HEADLINES] + [r".*\.median", "train_s"]) + ")$"
     return ["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", drop, "--keep", keep, *extra]
 
 
