@@ -7,26 +7,36 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup pipeline test test-fast bench mlflow-ui exps
+.PHONY: setup pipeline test test-fast bench mlflow-ui exps report
 
 setup:
 	@bash scripts/setup.sh
 
+# Ends with one line of this run's headline figures (`make exps`: every experiment side by side).
 pipeline: setup
 	dvc repro
-	dvc metrics show
+	@python -m pipeline.exps --summary
 
+# The fast tier runs on two pytest workers (its tests wait on processes more than they compute);
+# the slow tier, whose stages each train on both cores, one test at a time. Both tiers always run.
 test: setup
-	python -m pytest -q tests
+	@rc=0; python -m pytest -q -m "not slow" -n 2 tests --durations=10 || rc=1; \
+	python -m pytest -q -m slow tests --durations=25 || rc=1; exit $$rc
 
 test-fast: setup
-	python -m pytest -q -m "not slow" tests
+	python -m pytest -q -m "not slow" -n 2 tests --durations=10
 
 bench: setup
 	python -m benchmarks.run
 
+# The URL opens the experiment's runs table (model-training view), not MLflow's GenAI home page.
 mlflow-ui: setup
+	@python -m pipeline.store --url
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 exps: setup
 	python -m pipeline.exps
+
+# Rebuild the report from the outputs there are (runs no other stage, even a stale one).
+report: setup
+	dvc repro -f -s report

@@ -46,7 +46,7 @@ def bare_loop_ips(cfg, prepared, epochs: int, threads: int) -> float:
     from torch.utils.data import DataLoader
 
     from iformer.models import build_model
-    from pipeline.data import ImageListDataset, build_transforms
+    from pipeline.classify.datasets import ImageListDataset, build_transforms
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def bare_loop_ips(cfg, prepared, epochs: int, threads: int) -> float:
 
 def stage_loop_ips(cfg, root: Path, inputs, storage: Path, tag: str) -> float:
     """The pretrain stage's Ray Train job; mean img/s it reports after the first epoch."""
-    from pipeline import pretrain
+    from pipeline.classify import pretrain
 
     cfg.ray.storage_path = storage
     inputs.run_name = f"bench-{tag}-{time.time_ns()}"
@@ -86,7 +86,7 @@ def one_measurement(kind: str, threads: int, repo: Path, tag: str) -> None:
     """Child process: one stage or bare measurement, printed as `IPS <value>`."""
     import os
 
-    from pipeline import pretrain
+    from pipeline.classify import pretrain
     from pipeline.config import load_config
 
     os.environ["IFORMER_ROOT"] = str(repo)
@@ -167,7 +167,7 @@ def p3(rounds: int, per_round: int, threads: int, variant: str = "iformer_m", si
 
     from iformer.export import deploy_form
     from iformer.models import build_model, fused_copy
-    from pipeline import console
+    from pipeline.core import console
     from pipeline.deploy import backends, onnx
 
     torch.set_num_threads(threads)

@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import layer_scale_from
+
+IFORMER_VARIANTS = frozenset(timm.list_models("iformer_*"))
+
 
 class TeacherError(ValueError):
     """The teacher checkpoint does not fit the configured teacher network."""
@@ -26,10 +30,6 @@ def load_teacher(arch: str, checkpoint: Path, num_classes: int) -> nn.Module:
     if not checkpoint.is_file():
         raise TeacherError(f"{checkpoint} does not exist or is not a file")
     try:
-        teacher = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    except RuntimeError as err:  # unknown model name
-        raise TeacherError(f"unknown teacher architecture {arch!r}: {err}") from None
-    try:
         obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:
         raise TeacherError(f"{checkpoint} is not a loadable checkpoint ({type(err).__name__})") from None
@@ -40,6 +40,12 @@ def load_teacher(arch: str, checkpoint: Path, num_classes: int) -> nn.Module:
             break
     if not isinstance(state, dict):
         raise TeacherError(f"{checkpoint} holds no state dict")
+    # An iFormer teacher's layer scale is part of its architecture: as its weights have it.
+    extra = {"layer_scale_init_value": layer_scale_from(state)} if arch in IFORMER_VARIANTS else {}
+    try:
+        teacher = timm.create_model(arch, pretrained=False, num_classes=num_classes, **extra)
+    except RuntimeError as err:  # unknown model name
+        raise TeacherError(f"unknown teacher architecture {arch!r}: {err}") from None
     mismatch = state_dict_mismatch(teacher.state_dict(), state)
     if mismatch:
         raise TeacherError(f"{checkpoint} is not a {arch} with {num_classes} classes: {mismatch}")

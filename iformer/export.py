@@ -4,10 +4,10 @@
   branches folded (timm's `fuse()`), and attention on its explicit
   matmul-softmax path. timm's default path calls `scaled_dot_product_attention`,
   which Core ML (iOS 16/17) lowers with a transpose and an expand_dims per
-  query, key and value: iformer_m at 224 becomes 961 MIL operations instead of
-  the 877 of the explicit form (the official export holds 875).
-- `dense_backbone(variant, state_dict, window_size, window_chunks)`: the hybrid
-  window-attention backbone the dense tasks use, four feature maps at strides 4-32.
+  query, key and value: iformer_m at 224 becomes 250 MIL operations (without
+  const) instead of the explicit form's 208 (the official export holds 209).
+- `dense_backbone(variant, state_dict, **window)`: the hybrid window-attention
+  backbone the dense tasks use, four feature maps at strides 4-32.
 - `with_io(model, ...)`: the normalisation (for image inputs) and the softmax
   (for Core ML classifiers) baked into the graph.
 """
@@ -38,16 +38,21 @@ def deploy_form(model: nn.Module) -> nn.Module:
     return explicit_attention(fused)
 
 
-def dense_backbone(variant: str, state_dict: dict, window_size: int = 16, window_chunks: int = 16) -> nn.Module:
+def dense_backbone(variant: str, state_dict: dict, layer_scale: Optional[float] = None, **window) -> nn.Module:
     """The dense-prediction backbone of `variant` with a classifier's weights, in deploy form.
 
     The hybrid backbone the dense tasks fine-tune (`iformer.dense`: window SHMA
-    in stage 3, partition/reverse on channel chunks; paper App. F), fused.
+    in stage 3 as the official detection code, partition/reverse on channel
+    chunks), fused. `window` holds `IFormerBackbone`'s `window_*` arguments;
+    `layer_scale` None takes it from the weights (their `gamma` parameters).
     """
-    from .dense.backbone import IFormerBackbone, load_backbone_weights
+    from .dense.backbone import IFormerBackbone, checkpoint_layer_scale, load_backbone_weights
 
-    backbone = IFormerBackbone(variant, window_size=window_size, window_chunks=window_chunks)
-    load_backbone_weights(backbone, {"state_dict": state_dict}, f"{variant} weights")
+    weights = {"state_dict": state_dict}
+    if layer_scale is None:
+        layer_scale = checkpoint_layer_scale(weights)
+    backbone = IFormerBackbone(variant, layer_scale=layer_scale, **window)
+    load_backbone_weights(backbone, weights, f"{variant} weights")
     return explicit_attention(backbone.eval().fuse())
 
 

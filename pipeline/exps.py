@@ -1,163 +1,61 @@
-"""`python -m pipeline.exps`: the experiments side by side, one short column per headline.
+"""`python -m pipeline.exps`: the DVC experiments side by side, headline figures first.
 
-`dvc exp show` has a column per dependency hash and per metric statistic, and
-headers as long as their JSON paths (`onnxruntime.classifier_224.median`), so
-at 160 columns little beyond the first metric is visible. This reads the same
-data (`dvc exp show --json`) and prints: the workspace, the baseline commit
-and every experiment; each param whose value differs between them (dotted
-name); and the headline metrics under short headers, in the report's units
-(accuracy and AP in percent, latency in ms).
-
-Options: `--md` or `--csv` instead of the text table; any other argument goes
-to `dvc exp show --json` (`-A`, `--rev REV`, `-n N`, ...). `--dvc ARGS...`
-runs `dvc exp show` itself with the dependency and detail columns dropped.
+The rows are `dvc exp show --json`'s (`pipeline.report.experiments`): the
+params each experiment changed, its headline metrics, latency, and a mark on
+rows made before a change to their params or code. Any argument not listed
+below goes to `dvc exp show` (`-A`, `--rev REV`, `-n N`, ...).
 """
 from __future__ import annotations
 
-import csv
-import io
+import argparse
 import json
-import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-import yaml
-
-from . import layout
-
-#: (header, metrics file, key path, scale, decimals)
-HEADLINES = (
-    ("top1 %", "metrics/evaluate.json", "top1", 100, 2),
-    ("top5 %", "metrics/evaluate.json", "top5", 100, 2),
-    ("params M", "metrics/evaluate.json", "params_m", 1, 2),
-    ("GMACs", "metrics/evaluate.json", "gmacs_224", 1, 2),
-    ("box AP", "metrics/finetune_coco.json", "bbox_ap", 100, 1),
-    ("mask AP", "metrics/finetune_coco.json", "segm_ap", 100, 1),
-    ("mIoU", "metrics/finetune_ade20k.json", "miou", 1, 1),
-    ("img/s", "metrics/pretrain.json", "img_per_sec", 1, 0),
-)
-LATENCY_FILE = "metrics/latency.json"
-BACKEND_SHORT = {"onnxruntime": "ort"}
-#: For `--dvc`: metric columns that are detail rather than headline.
-NOISY_METRICS = (r".*\.(mean|std|min|max|p90|runs|ops|reshape|transpose)", r".*(ops_without_const|reshape_transpose|"
-                 r"weight_mb|softmax|layer_norm|gelu|matmul|conv)", r".*max_abs_diff.*", r"num_images", r".*_seconds",
-                 r".*\.skipped", r"miou_majority_baseline", r"(bbox|segm)_ap(50|75)", r"macc|aacc", r"loss")
-
-
-def dependency_paths(root: Path) -> list[str]:
-    """Every `deps` path of every stage in dvc.yaml: the hash columns of `dvc exp show`."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    return sorted({d for s in stages.values() for d in s.get("deps", [])})
-
-
-def dvc_command(root: Path, extra: list[str]) -> list[str]:
-    drop = "^(" + "|".join([re.escape(d) for d in dependency_paths(root)] + list(NOISY_METRICS) + ["Created"]) + ")$"
-    keep = "^(" + "|".join([re.escape(key) for _, _, key, _, _ in HEADLINES] + [r".*\.median", "train_s"]) + ")$"
-    return ["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", drop, "--keep", keep, *extra]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _data(rev: dict | None) -> tuple[dict, dict]:
-    """(flat params of params.yaml, {metrics file: its data}) of one `dvc exp show --json` revision."""
-    data = (rev or {}).get("data") or {}
-    params = _flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-    metrics = {f: (m or {}).get("data") or {} for f, m in (data.get("metrics") or {}).items()}
-    return params, metrics
-
-
-def rows_of(show: list[dict]) -> list[dict]:
-    """[{"name", "params", "metrics"}] for the workspace, each baseline commit and its experiments."""
-    rows = []
-    for commit in show:
-        rev = commit.get("rev", "")
-        name = commit.get("name") or (rev if rev == "workspace" else rev[:7])
-        rows.append({"name": name, **dict(zip(("params", "metrics"), _data(commit)))})
-        for exp in commit.get("experiments") or []:
-            last = (exp.get("revs") or [{}])[0]
-            label = f"  {exp.get('name') or last.get('name') or last.get('rev', '')[:7]}"
-            rows.append({"name": label, **dict(zip(("params", "metrics"), _data(last)))})
-    return rows
-
-
-def latency_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """(header, backend, model) for every median any row holds, classifier first."""
-    seen = []
-    for r in rows:
-        for backend, models in (r["metrics"].get(LATENCY_FILE) or {}).items():
-            for model, stats in (models or {}).items() if isinstance(models, dict) else ():
-                if isinstance(stats, dict) and "median" in stats and (backend, model) not in seen:
-                    seen.append((backend, model))
-    seen.sort(key=lambda bm: (not bm[1].startswith("classifier"), bm[1], bm[0]))
-    return [(f"{BACKEND_SHORT.get(b, b)} {m.rsplit('_', 1)[-1]} ms", b, m) for b, m in seen]
-
-
-def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    keys = sorted({k for r in rows for k in r["params"]})
-    changed = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1]
-    lat = latency_columns(rows)
-    header = ["Experiment", *changed, *[h for h, *_ in HEADLINES[:4]], *[h for h, *_ in lat],
-              *[h for h, *_ in HEADLINES[4:]]]
-    body = []
-    for r in rows:
-        def metric(spec):
-            _, f, key, scale, dec = spec
-            v = r["metrics"].get(f, {}).get(key)
-            return "–" if not isinstance(v, (int, float)) else f"{v * scale:.{dec}f}"
-
-        def latency(backend, model):
-            v = ((r["metrics"].get(LATENCY_FILE) or {}).get(backend) or {}).get(model, {})
-            return f"{v['median']:.2f}" if isinstance(v, dict) and isinstance(v.get("median"), (int, float)) else "–"
-
-        body.append([r["name"], *[str(r["params"].get(k, "–")) for k in changed],
-                     *[metric(s) for s in HEADLINES[:4]], *[latency(b, m) for _, b, m in lat],
-                     *[metric(s) for s in HEADLINES[4:]]])
-    return header, body
-
-
-def render(header: list[str], body: list[list[str]], fmt: str) -> str:
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(header)
-        w.writerows([[c.strip() for c in row] for row in body])
-        return buf.getvalue()
-    if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(c.strip() for c in row) + " |" for row in body]) + "\n"
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    fmt_row = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    return "\n".join([fmt_row(header), "  ".join("-" * w for w in widths), *map(fmt_row, body)]) + "\n"
+from .core import freshness, layout
+from .errors import PipelineError, report
+from .report import experiments
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    root = layout.repo_root()
-    if "--dvc" in args:
-        args.remove("--dvc")
-        cmd = dvc_command(root, args)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.exps", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    form = ap.add_mutually_exclusive_group()
+    form.add_argument("--md", dest="fmt", action="store_const", const="md", default="text",
+                      help="a Markdown table instead of the text table")
+    form.add_argument("--csv", dest="fmt", action="store_const", const="csv", help="CSV instead of the text table")
+    ap.add_argument("--dvc", action="store_true",
+                    help="run `dvc exp show` itself (its own table; --md / --csv go to it), with the dependency "
+                         "and detail columns dropped")
+    ap.add_argument("--summary", action="store_true",
+                    help="one line of the workspace's headline figures from metrics/*.json (what `make pipeline` "
+                         "ends with), without asking DVC")
+    known, args = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    fmt = known.fmt
+    try:
+        root = layout.repo_root()
+    except PipelineError as err:
+        return report(err)
+    if known.summary:
+        print(f"[pipeline] this run: {experiments.workspace_summary(root)}")
+        print("[pipeline] every experiment: make exps; the report: artifacts/report/report.html; "
+              "MLflow: make mlflow-ui")
+        return 0
+    if known.dvc:
+        cmd = experiments.dvc_command(root, ([f"--{fmt}"] if fmt != "text" else []) + args)
         print(shlex.join(cmd), file=sys.stderr)
         return subprocess.call(cmd, cwd=root)
-    fmt = "text"
-    for flag in ("--md", "--csv"):
-        if flag in args:
-            args.remove(flag)
-            fmt = flag[2:]
     proc = subprocess.run(["dvc", "exp", "show", "--json", *args], cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr.strip() or f"error: dvc exp show exited with {proc.returncode}", file=sys.stderr)
         return proc.returncode
-    sys.stdout.write(render(*table(rows_of(json.loads(proc.stdout or "[]"))), fmt))
+    rows = experiments.mark_stale(root, experiments.rows_of(json.loads(proc.stdout or "[]")))
+    sys.stdout.write(experiments.render(*experiments.table(rows), fmt))
+    causes = [f"{r['name'].strip()}: {freshness.describe(r['stale_stages'])}" for r in rows if r["stale"]]
+    if causes and fmt != "csv":
+        sys.stdout.write(f"\n{experiments.STALE}: made before a change to its row's params or code; `dvc repro` (or `dvc exp run` "
+                         "without a target) reruns what changed. Not up to date:\n" + "".join(f"  {c}\n" for c in causes))
     return 0
 
 

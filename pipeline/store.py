@@ -1,57 +1,47 @@
-"""The default MLflow store (`mlflow/mlflow.db` + `mlflow/artifacts/`) follows the repo when it moves.
+"""`python -m pipeline.store`: relocate the default MLflow store after a move, or print where its UI opens.
 
-MLflow records absolute `file://` artifact locations (per experiment, run,
-logged model and model version). When the repo has been moved or copied, the
-next stage (or `python -m pipeline.store`) rewrites the old
-`file://<old repo>/mlflow/artifacts` prefix to the current one in the store's
-own sqlite file, so every artifact link works again. Stores named by
-`mlflow.tracking_uri` / `MLFLOW_TRACKING_URI` are left alone.
+The default store is `mlflow/mlflow.db`. Without options: point its artifact
+links into this repo after the repo was moved or copied
+(`pipeline.tracking.store.relocate`; every stage does this too). `--url`:
+print the address on which `make mlflow-ui` (an `mlflow ui` on this store)
+shows the experiment's runs table, and change nothing.
 """
 from __future__ import annotations
 
-import sqlite3
+import argparse
 import sys
-from pathlib import Path
 
-from . import layout
-
-SUFFIX = "/mlflow/artifacts"
-#: (table, column) pairs that hold artifact locations in MLflow 3's schema.
-COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
-           ("model_versions", "storage_location"), ("model_versions", "source"))
+from .config import load_config
+from .core import layout
+from .errors import PipelineError, report
+from .tracking import store, view
 
 
-def default_db(root: Path) -> Path:
-    return layout.state_root(root) / "mlflow" / "mlflow.db"
-
-
-def relocate(root: Path, db: Path | None = None) -> str | None:
-    """Rewrite a moved repo's artifact prefix; returns the old prefix when it did."""
-    db = db or default_db(root)
-    if not db.is_file():
-        return None
-    new = (layout.state_root(root) / "mlflow" / "artifacts").as_uri()
-    with sqlite3.connect(db) as con:
-        have = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
-        if "experiments" not in have:
-            return None
-        olds = {r[0][: r[0].index(SUFFIX) + len(SUFFIX)] for r in
-                con.execute("select artifact_location from experiments where artifact_location like ?",
-                            (f"file://%{SUFFIX}%",))}
-        olds.discard(new)
-        for old in olds:
-            for table, col in COLUMNS:
-                if table in have:
-                    con.execute(f"update {table} set {col} = ? || substr({col}, ?) where {col} like ?",
-                                (new, len(old) + 1, old + "%"))
-    return ", ".join(sorted(olds)) or None
-
-
-def main() -> int:
-    root = layout.repo_root()
-    old = relocate(root)
-    print(f"{default_db(root)}: artifact links moved from {old} to this repo" if old else
-          f"{default_db(root)}: artifact links already point into this repo")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.store", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", action="store_true",
+                    help="print the MLflow UI address of the experiment's runs table (mlflow.experiment in "
+                         "params.yaml) instead of relocating")
+    ap.add_argument("--port", type=int, default=5000, help="the UI's port, for --url (default: %(default)s)")
+    args = ap.parse_args(argv)
+    try:
+        root = layout.repo_root()
+        db = store.default_db(root)
+        if args.url:
+            name = load_config(root / "params.yaml").mlflow.experiment
+            exp_id = store.experiment_id(db, name)
+            where = db.relative_to(root) if db.is_relative_to(root) else db
+            shared = view.KEY if exp_id and store.has_view(db, exp_id, view.TAG) else None
+            print(f"MLflow UI: {store.ui_url(exp_id, args.port, shared)}" + (
+                f" (experiment {name}, runs table)" if exp_id else
+                f" (no experiment {name!r} in {where} yet: `make pipeline` or `dvc repro` records one)"))
+            return 0
+        old = store.relocate(root)
+    except PipelineError as err:
+        return report(err)
+    print(f"{db}: artifact links moved from {old} to this repo" if old else
+          f"{db}: artifact links already point into this repo")
     return 0
 
 

@@ -23,7 +23,8 @@ MMCV=2.1.0
 shopt -s nullglob
 wheels=("$WHEELHOUSE"/mmcv-$MMCV-*.whl)
 if [ ${#wheels[@]} -eq 0 ]; then
-  echo "setup-openmmlab: building mmcv $MMCV (about 6 min on 2 cores)" >&2
+  log="$WHEELHOUSE/mmcv-$MMCV-build.log"
+  echo "setup-openmmlab: building mmcv $MMCV (about 6 min on 2 cores), its output in $log" >&2
   mkdir -p "$WHEELHOUSE"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
@@ -33,9 +34,11 @@ if [ ${#wheels[@]} -eq 0 ]; then
   tar -xzf "$work"/mmcv-$MMCV.tar.gz -C "$work"
   sed -i 's/-std=c++17/-std=c++20/g' "$work/mmcv-$MMCV/setup.py"
   grep -q -- '-std=c++20' "$work/mmcv-$MMCV/setup.py"
-  # Build into the temp dir, then move: an interrupted build leaves no wheel.
+  # Build into the temp dir, then move: an interrupted build leaves no wheel. The compiler's and
+  # setuptools' hundreds of lines go to the log; the console gets a line a minute (scripts/quietly.sh).
   MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 CFLAGS="-O2 -g0 -DNDEBUG -fwrapv" \
-    "${PIP[@]}" wheel -q --no-build-isolation --no-deps "$work/mmcv-$MMCV" -w "$work/dist"
+    bash scripts/quietly.sh "$log" "setup-openmmlab: mmcv build" \
+    "${PIP[@]}" wheel --no-build-isolation --no-deps "$work/mmcv-$MMCV" -w "$work/dist"
   mv "$work"/dist/mmcv-$MMCV-*.whl "$WHEELHOUSE"/
   wheels=("$WHEELHOUSE"/mmcv-$MMCV-*.whl)
 fi

@@ -18,7 +18,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "setup: chromium/chromedriver missing; the browser test needs: sudo apt-get install chromium chromium-driver" >&2
   fi
 fi
-stamp="$VENV/.setup-$(cat pyproject.toml scripts/setup.sh scripts/setup-openmmlab.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.setup-$(cat pyproject.toml scripts/setup.sh scripts/setup-openmmlab.sh scripts/quietly.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi

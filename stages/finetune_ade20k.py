@@ -3,4 +3,5 @@ from pipeline import stage
 from pipeline.dense import finetune
 
 if __name__ == "__main__":
-    stage.exit_with("finetune_ade20k", finetune.check_stage("finetune_ade20k"), finetune.run_stage("finetune_ade20k"))
+    stage.exit_with("finetune_ade20k", finetune.check_stage("finetune_ade20k"), finetune.run_stage("finetune_ade20k"),
+                    reopen=finetune.interrupted_run)

@@ -3,4 +3,5 @@ from pipeline import stage
 from pipeline.dense import finetune
 
 if __name__ == "__main__":
-    stage.exit_with("finetune_coco", finetune.check_stage("finetune_coco"), finetune.run_stage("finetune_coco"))
+    stage.exit_with("finetune_coco", finetune.check_stage("finetune_coco"), finetune.run_stage("finetune_coco"),
+                    reopen=finetune.interrupted_run)

@@ -1,5 +1,6 @@
 """DVC stage `prepare`: list (or, by default, make) the image data set."""
-from pipeline import data, stage
+from pipeline.classify import prepare
+from pipeline import stage
 
 if __name__ == "__main__":
-    stage.exit_with("prepare", data.check_prepare, data.run_prepare)
+    stage.exit_with("prepare", prepare.check_prepare, prepare.run_prepare)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -39,11 +40,15 @@ def free_port() -> int:
 
 
 def marked(value: str) -> list[psutil.Process]:
-    """This machine's processes whose environment carries `MARKER=value` (only ours are readable)."""
+    """This machine's processes of the node `value` names (or of every node below it, for the cluster's
+    own dir): its marker in their environment, or its temp dir (`value` is that path) on their
+    command line."""
     found = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get(MARKER) == value:
+            mark = p.environ().get(MARKER, "")
+            if p.pid != os.getpid() and (mark == value or mark.startswith(value + "/")
+                                         or any(value in a for a in p.cmdline())):
                 found.append(p)
         except (psutil.Error, OSError):
             continue
@@ -51,19 +56,26 @@ def marked(value: str) -> list[psutil.Process]:
 
 
 def kill_marked(value: str, grace: float = 10.0) -> None:
-    procs = marked(value)
-    for p in procs:
-        try:
-            p.terminate() if grace > 0 else p.kill()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=max(grace, 1.0))
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+    """Every process of the node, until none is left: a raylet that is being stopped may still start an
+    agent (`ray::DashboardAgent` ignores SIGTERM), which would outlive the node, re-parented to init,
+    and take CPU from every later test."""
+    for _ in range(5):
+        procs = marked(value)
+        if not procs:
+            return
+        for p in procs:
+            try:
+                p.terminate() if grace > 0 else p.kill()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=max(grace, 1.0))
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        grace = 0
 
 
 class Node:
@@ -155,6 +167,8 @@ class LoopbackCluster:
         for node in reversed(self.nodes):
             if not node.stopped or node.proc.poll() is None:
                 node.stop()
+        time.sleep(2)  # an agent a dying raylet started late: found by the cluster's dir, ended too
+        kill_marked(str(self.short), grace=0)
         shutil.rmtree(self.short, ignore_errors=True)
 
 
@@ -217,9 +231,13 @@ print(json.dumps([[a.pid, a.node_id, a.state] for a in actors]))
 ALIVE_NODES = "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """A 2-node loopback cluster (one CPU per node) with an MLflow server and a shared storage dir."""
+    """A 2-node loopback cluster (one CPU per node) with an MLflow server and a shared storage dir.
+
+    One for the whole session (conftest registers this module as a plugin and runs the tests that
+    use it last, one after another): each test works in its own repo, storage dir and run names.
+    """
     base = tmp_path_factory.mktemp("cluster")
     ray_cluster = LoopbackCluster(base, cpus=1)
     server = None

@@ -14,6 +14,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The 2-node loopback cluster and its MLflow server, one for the session (`cluster_fixture.cluster`).
+pytest_plugins = ["cluster_fixture"]
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the shared cluster run last, one after another: its daemons would take CPU from every
+    test that ran while it idled, and it is stopped right after the last of them."""
+    items.sort(key=lambda item: "cluster" in getattr(item, "fixturenames", ()))
+
 # The tests stop stages with Ctrl-C (SIGINT). A suite started in the background of a
 # script inherits SIGINT ignored, and so would every process it starts: give them Python's
 # own handling back (a handler here becomes the default disposition in the children).
@@ -37,6 +46,23 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def latest_checkpoint(storage: Path, stage: str = "pretrain", unit: str = "epoch") -> int:
+    """The epoch or iteration (`unit`) of the newest checkpoint Ray Train has registered for
+    `stage`'s runs in `storage` (0: none yet)."""
+    import json
+
+    newest = 0
+    for snap in storage.glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):
+            continue  # being rewritten
+        name = latest.get("checkpoint_dir_name", "")
+        if name.startswith(f"{unit}-"):
+            newest = max(newest, int(name.removeprefix(f"{unit}-")))
+    return newest
 
 
 def deep_update(base: dict, over: dict) -> dict:
@@ -151,16 +177,32 @@ def write_weights(repo: Repo, variant: str = "iformer_t", classes: list[str] | N
     import json
 
     from iformer.models import build_model
-    from pipeline import checkpoint
+    from pipeline.core import checkpoint
 
-    prepared = json.loads((repo.path / "artifacts/prepare/manifest.json").read_text())
-    classes = classes if classes is not None else prepared["classes"]
+    if classes is None:
+        classes = json.loads((repo.path / "artifacts/prepare/manifest.json").read_text())["classes"]
     model = build_model(variant, len(classes))
     path = repo.path / "artifacts/pretrain/model.pt"
     checkpoint.save_weights(path, model.state_dict(), variant=variant, num_classes=len(classes),
                             distillation=False, classes=classes, image_size=repo.params()["data"]["image_size"],
                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     return path
+
+
+#: The shared export: digits at 32 px, a 64 px classifier beside the 32 px one, and a 64 px backbone
+#: whose 4x4 stage-3 map takes windows of 2 (its windowed attention path exported); latency times
+#: two of them briefly.
+SHARED_EXPORT = {"export": {"classifier_sizes": [64], "backbone_size": 64},
+                 "detection": {"backbone": {"window_size": 2, "window_chunks": 2}},
+                 "latency": {"models": ["classifier_32", "backbone_64"], "runs": 4, "warmup": 1}}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Repo:
+    """One tiny repo with prepared digits, untrained iformer_t weights and the export stage run (under the
+    pipeline run `export-test`), shared by the export and latency tests: they read it, and what one
+    changes (params, weights) it puts back."""
+    return exported_repo(tmp_path_factory.mktemp("export") / "repo", SHARED_EXPORT, "export-test")
 
 
 @pytest.fixture
@@ -178,3 +220,71 @@ def prepared_repo(tmp_path_factory) -> Repo:
     repo = make_repo(tmp_path_factory.mktemp("prepared") / "repo", copy.deepcopy(TINY))
     repo.stage("prepare")
     return repo
+
+
+#: The pipeline's stage graph in miniature, for tests of what DVC records (`stub_project`).
+STUB_STAGES = {
+    "prepare": {"params": ["data"]},
+    "pretrain": {"deps": ["artifacts/prepare"], "params": ["train", "optim"]},
+    "evaluate": {"deps": ["artifacts/pretrain"], "params": ["evaluate"],
+                 "metrics": [{"metrics/evaluate.json": {"cache": False, "persist": True}}]},
+    "report": {"deps": ["artifacts/pretrain", "metrics/evaluate.json"], "params": ["recipe"]},
+}
+#: A stub stage on the real stage machinery (`stage.main`: config, MLflow runs, outputs) with a
+#: made-up result: pretrain's "model" is its epoch count, evaluate's top-1 a tenth of it.
+STUB_STAGE = """import json, sys
+from pipeline import stage
+from pipeline.core.outputs import Outputs
+
+NAME = sys.argv.pop(1)  # the rest are the stage entry's own arguments
+
+
+def run(cfg, root, _inputs, srun):
+    out = Outputs.begin(NAME, root)
+    if NAME == "pretrain":
+        (out.dir / "model.txt").write_text(str(cfg.train.epochs))
+        srun.log_headline({"train_s": 10.0 * cfg.train.epochs})
+    if NAME == "evaluate":
+        top1 = int((root / "artifacts/pretrain/model.txt").read_text()) / 10
+        out.file(root / "metrics/evaluate.json").write_text(json.dumps({"top1": top1}))
+        srun.log_headline({"top1": top1})
+    (out.dir / "seen.json").write_text(json.dumps({"stale": srun.stale, "stale_upstream": srun.stale_upstream}))
+    out.manifest(srun)
+    out.commit()
+
+
+stage.exit_with(NAME, lambda cfg, root: None, run)
+"""
+
+
+def stub_project(root: Path, params: dict) -> Path:
+    """A git + DVC project at `root` with `STUB_STAGES` (outputs `artifacts/<stage>`) and `params`.
+
+    Its stages run `STUB_STAGE` (`dvc repro` with `stub_env`), or a test runs
+    their MLflow side itself and records the outputs it wrote with `dvc_record`.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    stages = {name: {"cmd": f"python stub_stage.py {name}", **spec, "outs": [{f"artifacts/{name}": {"persist": True}}]}
+              for name, spec in STUB_STAGES.items()}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "stub_stage.py").write_text(STUB_STAGE)
+    (root / ".gitignore").write_text("/mlflow/\n/ray_results/\n*.tmp\n")
+    for cmd in (["git", "init", "-q"], [str(VENV_BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(cmd, cwd=root, env=stub_env(root), check=True, capture_output=True)
+    return root
+
+
+def stub_env(root: Path) -> dict:
+    """The environment of a stub project's commands: this checkout's `pipeline` on the path, and no
+    IFORMER_ROOT (a queued or `--temp` experiment runs its stages in a copy of the project)."""
+    env = {**env_for(root), "PYTHONPATH": str(ROOT)}
+    env.pop("IFORMER_ROOT")
+    return env
+
+
+def dvc_record(root: Path, *stages: str) -> None:
+    """`dvc commit -f STAGES`: dvc.lock records the stages' current deps, params and outputs."""
+    subprocess.run([str(VENV_BIN / "dvc"), "commit", "-f", "-q", *stages], cwd=root, env=stub_env(root), check=True,
+                   capture_output=True)

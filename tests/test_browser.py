@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from conftest import TINY, deep_update, make_repo
 
-from pipeline import tracking
+from pipeline.tracking import runs
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,17 @@ def two_runs(tmp_path_factory):
 
 
 def _parents(repo):
-    return sorted(repo.runs(f"tags.`{tracking.TAG_KIND}` = 'pipeline'"), key=lambda r: r.info.start_time)
+    return sorted(repo.runs(f"tags.`{runs.TAG_KIND}` = 'pipeline'"), key=lambda r: r.info.start_time)
+
+
+def _child(repo, parent, stage: str):
+    return next(r for r in repo.runs(f"tags.`{runs.TAG_PARENT}` = '{parent.info.run_id}'")
+                if r.data.tags[runs.TAG_STAGE] == stage)
+
+
+def _cpu() -> str:
+    """The CPU model as /proc/cpuinfo names it (read here, not through the pipeline)."""
+    return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
 
 
 def test_parents_hold_headlines_and_the_report_compares_runs(two_runs):
@@ -52,22 +62,31 @@ def test_parents_hold_headlines_and_the_report_compares_runs(two_runs):
     a, b = _parents(repo)
     for p in (a, b):
         m = p.data.metrics
-        assert {"top1", "top5", "params_m", "gmacs_224", "latency_ms.onnxruntime.classifier_32", "img_per_sec",
-                "wall_s"} <= set(m), sorted(m)
+        assert {"top1_pct", "top5_pct", "params_m", "gmacs_224", "latency_ms.onnxruntime.classifier_32",
+                "img_per_sec", "wall_s"} <= set(m), sorted(m)
+        assert "top1" not in m, "one unit on the parent: percent"
+        # The evaluate child holds the fraction metrics/evaluate.json has; the parent percent, to 0.01.
+        assert m["top1_pct"] == round(100 * _child(repo, p, "evaluate").data.metrics["top1"], 2)
+        assert p.data.tags["latency_host.onnxruntime"] == f"{_cpu()}, 1 thread"  # params.yaml latency.threads
         assert p.data.tags["mlflow.source.git.commit"] == p.data.tags["iformer.git_commit"]
         assert p.info.end_time - p.info.start_time >= 1000 * m["wall_s"] - 1000
     assert a.data.tags["iformer.params_changed"] == "baseline"
     assert b.data.tags["iformer.params_changed"] == "optim.base_lr=0.004"
+    # Named after what they changed (no DVC experiment here), not pipeline-<timestamp>.
+    assert a.info.run_name == f"baseline {a.data.tags['iformer.git_commit'][:7]}"
+    assert b.info.run_name == "optim.base_lr=0.004"
 
     client = repo.mlflow_client()
     name = f"{repo.params()['mlflow']['experiment']}.iformer_t"
     versions = client.search_model_versions(f"name='{name}'")
-    assert len(versions) == 2
-    pre_b = next(r for r in repo.runs(f"tags.`{tracking.TAG_PARENT}` = '{b.info.run_id}'")
-                 if r.data.tags[tracking.TAG_STAGE] == "pretrain")
-    vb = next(v for v in versions if v.run_id == pre_b.info.run_id)
-    assert vb.tags["export.classifier_32.onnx"].startswith("runs:/")
-    assert any(k.endswith(".mlpackage.zip") for k in vb.tags)
+    pre_a, pre_b = _child(repo, a, "pretrain"), _child(repo, b, "pretrain")
+    # mlflow.register_model: baseline (the default): run b changed a param and registers nothing.
+    assert [v.run_id for v in versions] == [pre_a.info.run_id]
+    va = versions[0]
+    assert va.tags["export.classifier_32.onnx"].startswith("runs:/")
+    assert any(k.endswith(".mlpackage.zip") for k in va.tags)
+    assert va.tags["top1_pct"] == f"{a.data.metrics['top1_pct']:g}" and va.tags["iformer.params_changed"] == "baseline"
+    assert a.info.run_name in va.description and a.info.run_id in va.description
     assert {a.path for a in client.list_artifacts(pre_b.info.run_id, "checkpoints")} == {"checkpoints/model.pt"}
     assert not list((repo.path / "ray_results").glob("pretrain-*/epoch-*")), "checkpoints pruned after success"
 
@@ -76,7 +95,7 @@ def test_parents_hold_headlines_and_the_report_compares_runs(two_runs):
     assert [r["run_id"] for r in summary["runs"]] == [a.info.run_id, b.info.run_id]
     assert summary["identity"]["parent_run_id"] == b.info.run_id
     assert summary["identity"]["params_changed"] == {"optim.base_lr": {"baseline": 0.002, "value": 0.004}}
-    assert abs(summary["ours"]["top1"] - 100 * b.data.metrics["top1"]) < 1e-6, "percent, as the paper's"
+    assert abs(summary["ours"]["top1"] - b.data.metrics["top1_pct"]) <= 0.005, "percent, as the paper's"
     points = summary["pareto"]["onnxruntime"]
     assert len(points) == 2 and any(p["on_front"] for p in points)
     md = (out / "report.md").read_text()
@@ -154,26 +173,24 @@ def _wait_text(browser, needles, timeout=60):
 
 
 def test_mlflow_ui_lists_parent_runs_and_compares_them(two_runs, server, browser, tmp_path):
-    from selenium.webdriver.common.keys import Keys
+    from pipeline.tracking import store, view
 
     a, b = _parents(two_runs)
     exp = a.info.experiment_id
-    # The classic training view of MLflow 3.x: the experiment's runs page, not the GenAI home.
-    browser.get(f"{server}/#/experiments/{exp}/runs")
-    _wait_text(browser, [a.info.run_name, b.info.run_name, "Training runs"])
+    # What `make mlflow-ui` prints: the runs table (model-training view) opened on the headline view.
+    port = int(server.rsplit(":", 1)[1])
+    browser.get(store.ui_url(exp, port, view.KEY))
+    # No Columns menu: the headline columns are there, in percent (the evaluate child's fraction x 100).
+    pct = [f"{100 * _child(two_runs, p, 'evaluate').data.metrics['top1']:.2f}" for p in (a, b)]
+    text = _wait_text(browser, [a.info.run_name, b.info.run_name, "top1_pct", "top5_pct", "params_m",
+                                "latency_ms.onnxruntime.classifier_32", *pct])
+    assert "iformer.params_changed" in text
     browser.save_screenshot(str(tmp_path / "runs.png"))
-    # A headline metric as a column of the runs table (Columns -> top1): the parents' values.
-    browser.find_element("xpath", "//button[contains(., 'Columns')]").click()
-    _wait_text(browser, ["top1"])
-    browser.find_elements("xpath", "//*[normalize-space(text())='top1']")[-1].click()
-    browser.find_element("tag name", "body").send_keys(Keys.ESCAPE)
-    _wait_text(browser, [f"{a.data.metrics['top1']:.4f}"[:6], f"{b.data.metrics['top1']:.4f}"[:6]])
-    browser.save_screenshot(str(tmp_path / "runs-top1.png"))
 
     ids = json.dumps([a.info.run_id, b.info.run_id])
     browser.get(f"{server}/#/compare-runs?runs={ids}&experiments={json.dumps([exp])}")
-    text = _wait_text(browser, ["top1", "params_m", a.info.run_name, b.info.run_name])
-    assert "latency_ms.onnxruntime.classifier_32" in text and "optim.base_lr" in text
+    text = _wait_text(browser, ["top1_pct", "params_m", a.info.run_name, b.info.run_name])
+    assert "latency_ms.onnxruntime.classifier_32" in text and "optim.base_lr" in text and all(v in text for v in pct)
     browser.save_screenshot(str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
@@ -186,6 +203,17 @@ def test_report_and_dvc_plots_render_in_the_browser(two_runs, browser, tmp_path)
     assert len(widths) >= 2 and all(w > 0 for w in widths), widths
     assert "Accuracy vs latency: onnxruntime" in browser.find_element("tag name", "body").text
     browser.save_screenshot(str(tmp_path / "report.png"))
+    # Tables as the page shows them: the first is this run alone; no table holds our rows and the paper's.
+    tables = browser.execute_script(
+        "return Array.from(document.querySelectorAll('table')).map(t => Array.from(t.rows).map(r => Array.from(r.cells)"
+        ".map(c => c.innerText)))")
+    first = tables[0]
+    assert [r[0] for r in first[1:]] == ["this run"], first
+    assert not any("paper" in c.lower() or "iphone" in c.lower() for row in first for c in row), first
+    for t in tables:
+        paper = [r[0].lower().startswith("paper") for r in t[1:]]
+        assert all(paper) or not any(paper), t
+    assert any(all(r[0].startswith("paper ") for r in t[1:]) for t in tables), "the paper's rows, as reference"
 
     two_runs.run("dvc", "plots", "show")
     browser.get((two_runs.path / "dvc_plots/index.html").as_uri())
@@ -193,5 +221,8 @@ def test_report_and_dvc_plots_render_in_the_browser(two_runs, browser, tmp_path)
     while time.time() < deadline and not browser.execute_script(
             "return document.querySelectorAll('svg.marks, canvas.marks').length"):
         time.sleep(0.5)
-    assert browser.execute_script("return document.querySelectorAll('svg.marks, canvas.marks').length") >= 2
+    # One chart per quantity (loss, accuracy), axes named in dvc.yaml; no third chart from a stage's own entry.
+    assert browser.execute_script("return document.querySelectorAll('svg.marks, canvas.marks').length") == 2
+    spec = (two_runs.path / "dvc_plots/index.html").read_text()  # the charts' vega specs, as dvc wrote them
+    assert '"title": "cross-entropy loss"' in spec and '"text": "Validation accuracy per epoch"' in spec
     browser.save_screenshot(str(tmp_path / "dvc-plots.png"))

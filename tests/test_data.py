@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import Prepared, check_prepare, list_imagefolder, load_image, make_digits, write_listing
+from pipeline.classify.datasets import Prepared, load_image
+from pipeline.classify.prepare import check_prepare, list_imagefolder, make_digits, write_listing
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 

@@ -39,9 +39,10 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from iformer.models import build_model
-    from pipeline import cluster, pretrain
+    from pipeline.classify import pretrain
+    from pipeline.compute import cluster
     from pipeline.config import Config, load_config
-    from pipeline.data import Prepared
+    from pipeline.classify.datasets import Prepared
 
     root = Path.cwd()
     base = load_config(root / "params.yaml").to_dict()

@@ -5,11 +5,12 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pipeline import layout, recipes
+from pipeline.core import layout
+from pipeline.config import apply
 from pipeline.config import Config, parse_config
 from pipeline.dense import configs
 from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
-from pipeline.dense.train import build_config
+from pipeline.dense.worker import build_config
 from pipeline.errors import PipelineError
 
 DET_DATA = {"root": "/data/coco", "classes": list(DIGIT_CLASSES)}
@@ -41,6 +42,9 @@ def test_detection_config_builds_a_mask_rcnn_with_the_iformer_backbone():
     init_default_scope("mmdet")
     model = MODELS.build(dict(mm.model, backbone=dict(mm.model.backbone, pretrained=None)))
     assert type(model).__name__ == "MaskRCNN" and isinstance(model.backbone, IFormerBackbone)
+    # params.yaml's backbone is the official one: its windows, its layer scale (none for iformer_t)
+    b = model.backbone
+    assert (b.window_size, b.window_layout, b.window_padding, b.layer_scale) == (16, "official", "zeros", 0.0)
     assert model.roi_head.bbox_head.num_classes == 10 and model.roi_head.mask_head.num_classes == 10
     assert model.neck.lateral_convs[0].conv.in_channels == 32  # iformer_t's stride-4 map
 
@@ -84,7 +88,7 @@ def _params() -> dict:
 def test_paper_presets_rewrite_only_their_section():
     keep = _params()
     keep["model"]["variant"] = "iformer_m"
-    det = recipes.build("mask_rcnn_1x", keep=keep, overrides={"detection.data.root": "/data/coco"})
+    det = apply.build("mask_rcnn_1x", keep=keep, overrides={"detection.data.root": "/data/coco"})
     assert det.model.variant == "iformer_m" and det.segmentation == Config().segmentation
     mm = configs.detection(det, DET_DATA, "/tmp/w", None, det.detection.ray.num_workers)
     opt = mm["optim_wrapper"]["optimizer"]
@@ -97,7 +101,7 @@ def test_paper_presets_rewrite_only_their_section():
     assert mm["model"]["neck"]["out_channels"] == 256
     assert mm["train_dataloader"]["batch_size"] * det.detection.ray.num_workers == 16
 
-    seg = recipes.build("semantic_fpn_40k", keep=keep, overrides={"segmentation.data.root": "/data/ade"})
+    seg = apply.build("semantic_fpn_40k", keep=keep, overrides={"segmentation.data.root": "/data/ade"})
     mm = configs.segmentation(seg, dict(SEG_DATA, dataset="ADE20KDataset"), "/tmp/w", None,
                               seg.segmentation.ray.num_workers)
     opt = mm["optim_wrapper"]["optimizer"]
@@ -113,7 +117,7 @@ def test_paper_presets_rewrite_only_their_section():
 
 def test_preset_without_data_root_is_refused():
     with pytest.raises(PipelineError, match="detection.data.root is required"):
-        recipes.build("mask_rcnn_1x", keep=_params())
+        apply.build("mask_rcnn_1x", keep=_params())
 
 
 @pytest.mark.parametrize("path, value, needle", [
@@ -124,6 +128,7 @@ def test_preset_without_data_root_is_refused():
     ("segmentation.data.source", "cityscapes", "segmentation.data.source = 'cityscapes'"),
     ("segmentation.train.ratio_range", [2.0, 0.5], "segmentation.train.ratio_range"),
     ("segmentation.backbone.window_chunks", 0, "segmentation.backbone.window_chunks = 0"),
+    ("detection.backbone.window_layout", "swin", "detection.backbone.window_layout = 'swin'"),
     ("segmentation.model.heads", 3, "segmentation.model.heads = 3: unknown key"),
 ])
 def test_bad_dense_values_name_their_field(path, value, needle):
@@ -154,10 +159,10 @@ def test_dvc_stages_follow_layout():
     assert order == ["evaluate", "prepare_dense", "finetune_coco", "finetune_ade20k", "report"]
     for stage in ("prepare_dense", "finetune_coco", "finetune_ade20k"):
         assert dvc[stage]["cmd"] == f"python -m stages.{stage}"
-        assert dvc[stage]["outs"] == [f"artifacts/{stage}"]
+        assert dvc[stage]["outs"] == [{f"artifacts/{stage}": {"persist": True}}]
         assert f"stages/{stage}.py" in dvc[stage]["deps"]
     for stage, task in (("finetune_coco", "detection"), ("finetune_ade20k", "segmentation")):
-        assert dvc[stage]["metrics"] == [{f"metrics/{stage}.json": {"cache": False}}]
+        assert dvc[stage]["metrics"] == [{f"metrics/{stage}.json": {"cache": False, "persist": True}}]
         assert "artifacts/prepare_dense" in dvc[stage]["deps"]
         assert {"artifacts/pretrain", "weights"} <= set(dvc[stage]["deps"])  # where backbone.checkpoint may live
         assert f"metrics/{stage}.json" in dvc["report"]["deps"]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from iformer.dense.backbone import IFormerBackbone
-from pipeline import checkpoint
+from pipeline.core import checkpoint
 from pipeline.dense import datasets, scenes
 from pipeline.errors import PipelineError
 

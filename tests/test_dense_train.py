@@ -5,15 +5,20 @@ import pytest
 import timm
 
 from conftest import make_repo
-from pipeline import checkpoint
+from pipeline.core import checkpoint
 
 pytestmark = pytest.mark.slow
 
+# Detection is long enough to learn from an untrained backbone (96 iterations; two runs measured
+# box AP50 0.52 / 0.44, mask AP50 0.27 / 0.43; with 8 iterations both were 0). Segmentation at this length still labels
+# everything background (measured up to 200 iterations, also from a pretrained backbone), so
+# segmentation learning is asserted at the default's length in test_pipeline_e2e.
 TINY = {
     "mlflow": {"log_model": False},
     "detection": {
-        "data": {"train_scenes": 8, "val_scenes": 4, "scene_size": 64, "digit_size": [24, 32], "digits_per_scene": [1, 2]},
-        "train": {"epochs": 2, "batch_size": 2, "milestones": [1], "warmup_iters": 2, "log_interval": 2,
+        "data": {"train_scenes": 32, "val_scenes": 8, "scene_size": 64, "digit_size": [24, 32],
+                 "digits_per_scene": [1, 2]},
+        "train": {"epochs": 6, "batch_size": 2, "milestones": [5], "warmup_iters": 10, "log_interval": 8,
                   "image_scale": [64, 64]},
         "samples": 2,
     },
@@ -53,7 +58,7 @@ def _check_tracking(repo, stage, headline):
     samples = client.list_artifacts(run.info.run_id, f"{stage}/samples")
     assert len(samples) == 2 and all(a.file_size > 1000 for a in samples)
     parent = client.get_run(manifest["mlflow_parent_run_id"])
-    assert headline in parent.data.metrics  # one name per quantity, on the parent too
+    assert headline in parent.data.metrics  # one name per quantity, on the parent too: percent
     own = [r for r in repo.runs(f"tags.`iformer.stage` = '{stage}'") if "iformer.linked_from" not in r.data.tags]
     assert [r.info.run_id for r in own] == [run.info.run_id], "no second, unrelated run"
     return manifest
@@ -62,11 +67,15 @@ def _check_tracking(repo, stage, headline):
 def test_mask_rcnn_trains_and_evaluates_coco_metrics(repo):
     out = repo.stage("finetune_coco")
     metrics = _metrics(repo, "finetune_coco")
-    for key in ("bbox_ap", "bbox_ap50", "bbox_ap75", "segm_ap", "segm_ap50", "segm_ap75"):
-        assert -1.0 <= metrics[key] <= 1.0, metrics
+    print(f"\nshortened detection from an untrained backbone: {metrics}")
+    # A detector that learned nothing finds nothing (AP 0, COCO's -1 with no detections at all).
+    assert metrics["bbox_ap50"] >= 0.15 and metrics["segm_ap50"] >= 0.1, metrics
+    for kind in ("bbox", "segm"):  # COCO's averages: AP (over IoU .50:.95) <= AP50, and AP75 <= AP50
+        assert 0 < metrics[f"{kind}_ap"] <= metrics[f"{kind}_ap50"] <= 1.0, metrics
+        assert 0 <= metrics[f"{kind}_ap75"] <= metrics[f"{kind}_ap50"], metrics
     assert metrics["train_seconds"] > 0
     assert "[finetune_coco] iformer_t bbox_ap" in out.stderr
-    manifest = _check_tracking(repo, "finetune_coco", "bbox_ap")
+    manifest = _check_tracking(repo, "finetune_coco", "box_ap_pct")
     assert manifest["checkpoint_sha256"] == checkpoint.sha256(repo.path / "artifacts/finetune_coco/model.pth")
     assert "MaskRCNN" in (repo.path / "artifacts/finetune_coco/config.py").read_text()
 
@@ -74,10 +83,10 @@ def test_mask_rcnn_trains_and_evaluates_coco_metrics(repo):
 def test_semantic_fpn_trains_evaluates_and_resumes(repo):
     repo.stage("finetune_ade20k")
     first = _metrics(repo, "finetune_ade20k")
-    for key in ("miou", "macc", "aacc"):
+    for key in ("miou", "macc", "aacc"):  # percent, as mmseg gives them (4 iterations learn nothing: see TINY)
         assert 0.0 <= first[key] <= 100.0, first
     assert 0.0 < first["miou_majority_baseline"] < 100.0
-    manifest = _check_tracking(repo, "finetune_ade20k", "miou")
+    manifest = _check_tracking(repo, "finetune_ade20k", "miou_pct")
     # A finished run keeps its logs, not its checkpoints (those only serve an interrupted run).
     run_dir = repo.path / "ray_results" / manifest["ray_run_name"]
     assert (run_dir / "ray.log").is_file()

@@ -7,18 +7,8 @@ import zipfile
 import pytest
 
 from conftest import TINY, exported_repo, make_repo, write_weights
+from fakes import FakeBlock as _Block, FakeCost as _Cost, FakeOperation as _Op, FakePlan, FakeUsage as _Usage
 from pipeline.deploy import census, compute_plan
-
-# A window of 2 on the 4x4 stage-3 map at 64 px: the backbone exports its windowed attention path.
-SMALL = {"export": {"classifier_sizes": [64], "backbone_size": 64},
-         "detection": {"backbone": {"window_size": 2, "window_chunks": 2}}}
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny repo: prepared digits at 32 px, untrained iformer_t weights, the export stage run."""
-    return exported_repo(tmp_path_factory.mktemp("export") / "repo", SMALL, "export-test")
-
 
 def _unzip(repo, name, tmp_path):
     with zipfile.ZipFile(repo.path / "artifacts/export" / f"{name}.mlpackage.zip") as z:
@@ -53,7 +43,7 @@ def test_export_writes_checked_coreml_and_onnx(exported, tmp_path):
     assert census.census_of(package) == manifest["models"]["classifier_64"]["census"]
     metrics = json.loads((exported.path / "metrics/export.json").read_text())
     c = metrics["classifier_64"]
-    assert c["ops"] > c["ops_without_const"] > c["conv"] > 50 and c["softmax"] == 5 and c["transpose"] == 0
+    assert c["ops_total"] > c["ops_without_const"] > c["conv"] > 50 and c["softmax"] == 5 and c["transpose"] == 0
     assert 4 < c["weight_mb"] < 7  # 2.9 M parameters in FP16
     assert not (exported.path / "artifacts/export.tmp").exists()
     assert "Converting PyTorch Frontend" in (out / "convert.log").read_text()
@@ -61,16 +51,17 @@ def test_export_writes_checked_coreml_and_onnx(exported, tmp_path):
 
 @pytest.mark.slow
 def test_export_is_logged_under_the_pipeline_run(exported):
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     run = exported.runs(f"tags.`{tracking.TAG_STAGE}` = 'export'")[0]
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["census.classifier_64.ops"] > 500
+    assert run.data.metrics["census.classifier_64.ops_without_const"] > 100
     assert run.data.metrics["onnx_max_abs_diff.backbone_64"] <= 1e-4
     files = {a.path for a in exported.mlflow_client().list_artifacts(run.info.run_id, "export")}
     assert {"export/classifier_64.onnx", "export/classifier_64.mlpackage.zip", "export/census.json"} <= files
     parent = exported.mlflow_client().get_run(run.data.tags[tracking.TAG_PARENT])
-    assert parent.data.metrics["census.backbone_64.ops"] == run.data.metrics["census.backbone_64.ops"]
+    for count in ("ops_without_const", "ops_total"):  # the headline census, and the total beside it
+        assert parent.data.metrics[f"census.backbone_64.{count}"] == run.data.metrics[f"census.backbone_64.{count}"]
 
 
 @pytest.mark.slow
@@ -104,26 +95,99 @@ def test_image_input_class_labels_fp32_and_opset_17(tmp_path):
 def test_single_head_attention_needs_fewer_reshapes_than_multi_head(tmp_path):
     """The paper's SHMA argument, counted: iformer_m vs EfficientFormerV2-S2 (12.7 M, 8 heads), same export."""
     import timm
-    import torch
 
     from iformer.export import deploy_form, explicit_attention
-    from pipeline.config import CoreMLExportConfig
-    from pipeline.deploy import coreml
 
-    def exported_census(model, name):
-        x = torch.randn(1, 3, 224, 224)
-        program = torch.export.export(model, (x,))
-        path = tmp_path / f"{name}.mlpackage"
-        coreml.convert(program, 224, ["logits"], CoreMLExportConfig()).save(str(path))
-        return census.census_of(path)
-
-    ours = exported_census(deploy_form(timm.create_model("iformer_m")), "iformer_m")
-    theirs = exported_census(explicit_attention(timm.create_model("efficientformerv2_s2").eval()), "effv2")
+    ours = _census(deploy_form(timm.create_model("iformer_m")), 224, tmp_path / "iformer_m")
+    theirs = _census(explicit_attention(timm.create_model("efficientformerv2_s2").eval()), 224, tmp_path / "effv2")
     assert ours["by_type"]["softmax"] == 6 and theirs["by_type"]["softmax"] == 9
     assert ours["reshape_transpose"] < theirs["reshape_transpose"]
     # Per attention block, too: the difference is not only that iformer_m has fewer of them.
     assert ours["reshape_transpose"] / 6 < theirs["reshape_transpose"] / 9
-    assert 850 <= ours["ops"] <= 900  # the official iFormer-M export at 224 holds 875
+    # The official iFormer-M export at 224 holds 209 ops without const (875 in all with its initial weights).
+    assert abs(ours["ops_without_const"] - 209) <= 1
+
+
+def _census(model, size: int, path) -> dict:
+    """The census of `model` converted as the export stage converts it (FP16 compute, float32 tensors)."""
+    import torch
+
+    from pipeline.config import CoreMLExportConfig
+    from pipeline.deploy import coreml
+
+    program = torch.export.export(model, (torch.randn(1, 3, size, size),))
+    coreml.convert(program, size, ["logits"], CoreMLExportConfig()).save(str(path.with_suffix(".mlpackage")))
+    return census.census_of(path.with_suffix(".mlpackage"))
+
+
+def _computing(c: dict) -> dict:
+    return {k: v for k, v in c["by_type"].items() if k != "const"}
+
+
+@pytest.mark.slow
+def test_census_of_a_network_counted_by_hand(tmp_path):
+    """Three 3x3 convs, a ReLU before the last: counted by hand from the MIL ops Core ML writes."""
+    import torch
+    from torch import nn
+
+    class ThreeConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(self.stem(x))))
+
+    model = ThreeConvs().eval()
+    distinct = _census(model, 8, tmp_path / "distinct")
+    # Computing: the float32 input cast to FP16, three convs, the ReLU, the cast back. Constants: each conv's
+    # weight, bias, pad_type, pad, strides, dilations and groups (7), each cast's dtype (1).
+    assert _computing(distinct) == {"cast": 2, "conv": 3, "relu": 1} and distinct["ops_without_const"] == 6
+    assert distinct["ops_total"] == 6 + 3 * 7 + 2
+    model.b.load_state_dict(model.a.state_dict())  # b's weights now equal a's: Core ML keeps one copy
+    shared = _census(model, 8, tmp_path / "shared")
+    assert _computing(shared) == _computing(distinct) and shared["ops_without_const"] == 6
+    assert distinct["ops_total"] - 2 <= shared["ops_total"] < distinct["ops_total"]  # the weight (and bias) merged
+
+
+@pytest.mark.slow
+def test_census_headline_is_the_same_for_any_weight_values(tmp_path):
+    """iformer_t with timm's initial weights (many equal: ones and zeros) and with random ones."""
+    import timm
+    import torch
+
+    from iformer.export import deploy_form
+
+    initial = timm.create_model("iformer_t").eval()
+    randomized = copy.deepcopy(initial)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in [*randomized.named_parameters(), *randomized.named_buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
+                        else torch.randn(t.shape, generator=g) * 0.02)
+    a = _census(deploy_form(initial), 64, tmp_path / "initial")
+    b = _census(deploy_form(randomized), 64, tmp_path / "random")
+    assert _computing(a) == _computing(b) and a["ops_without_const"] == b["ops_without_const"]
+    assert a["ops_total"] < b["ops_total"]  # Core ML merged the equal initial constants
+
+
+def test_report_census_heads_with_the_ops_without_const():
+    """The report's census table per run: a parent run of before this count was headline shows only its total."""
+    from types import SimpleNamespace as NS
+
+    from pipeline.report import compare, history
+
+    def parent(name, metrics):
+        return NS(info=NS(run_id=name, run_name=name, status="FINISHED", start_time=0),
+                  data=NS(metrics=metrics, tags={"iformer.variant": "iformer_t"}))
+
+    rows = [history.row(parent("old", {"census.classifier_224.ops": 774.0})),
+            history.row(parent("new", {"census.classifier_224.ops_without_const": 172.0,
+                                    "census.classifier_224.ops_total": 729.0}))]
+    lines = compare.census_table(rows)
+    assert "| old | iformer_t | – (774) |" in lines and "| new | iformer_t | 172 (729) |" in lines
 
 
 # -- bad input: one error line, no export directory --------------------------------------------
@@ -162,47 +226,6 @@ def test_export_size_not_a_multiple_of_32(tiny_repo):
 
 
 # -- the compute plan summary, against a fake plan with coremltools' attributes -----------------
-class _Named:
-    def __init__(self, name):
-        self.name = name
-
-
-class _Op:
-    def __init__(self, operator_name, output, blocks=()):
-        self.operator_name, self.outputs, self.blocks = operator_name, [_Named(output)], list(blocks)
-
-
-class _Block:
-    def __init__(self, *operations):
-        self.operations = list(operations)
-
-
-class _Usage:
-    def __init__(self, preferred, supported):
-        self.preferred_compute_device, self.supported_compute_devices = preferred, supported
-
-
-class _Cost:
-    def __init__(self, weight):
-        self.weight = weight
-
-
-class FakePlan:
-    """Implements what `compute_plan.summarize` reads from coremltools' `MLComputePlan`."""
-
-    def __init__(self, block, usage, cost):
-        function = type("F", (), {"block": block})()
-        program = type("P", (), {"functions": {"main": function}})()
-        self.model_structure = type("S", (), {"program": program})()
-        self._usage, self._cost = usage, cost
-
-    def get_compute_device_usage_for_mlprogram_operation(self, op):
-        return self._usage.get(op.outputs[0].name)
-
-    def get_estimated_cost_for_mlprogram_operation(self, op):
-        return self._cost.get(op.outputs[0].name)
-
-
 def test_compute_plan_summary_from_a_fake_plan():
     from coremltools.models import compute_device as cd
 

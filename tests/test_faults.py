@@ -12,13 +12,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import psutil
 import pytest
 
-from cluster_fixture import TRAIN_WORKERS, cluster, cluster_repo, ray_query, wait_for  # noqa: F401 (fixture)
-from pipeline import tracking
+from cluster_fixture import TRAIN_WORKERS, cluster_repo, ray_query, wait_for
+from conftest import latest_checkpoint
+from pipeline.tracking import runs
 
 pytestmark = pytest.mark.slow
 
@@ -56,20 +56,6 @@ def pretrain_stage(repo):
         lines.thread.join(timeout=10)
 
 
-def latest_checkpoint(storage: Path) -> int:
-    """The epoch of the newest checkpoint Ray Train has registered in `storage` (0: none yet)."""
-    newest = 0
-    for snap in storage.glob("pretrain-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-        except (OSError, ValueError):
-            continue  # being rewritten
-        name = latest.get("checkpoint_dir_name", "")
-        if name.startswith("epoch-"):
-            newest = max(newest, int(name.removeprefix("epoch-")))
-    return newest
-
-
 def started(lines: Lines, after: float) -> tuple[float, int, str]:
     """When rank 0 of a worker group started after `after`: (time, epoch it starts at, from what)."""
     t, line = wait_for(lambda: lines.first("starting at epoch ", after), 600, "a worker group to start")
@@ -82,7 +68,7 @@ def pretrain_runs(cluster, repo) -> list:
     client = cluster.mlflow.client()
     exp = client.get_experiment_by_name(repo.params()["mlflow"]["experiment"])
     return client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`{tracking.TAG_STAGE}` = 'pretrain' and tags.`{tracking.TAG_REPO}` = '{repo.path.resolve()}'"))
+        f"tags.`{runs.TAG_STAGE}` = 'pretrain' and tags.`{runs.TAG_REPO}` = '{repo.path.resolve()}'"))
 
 
 def assert_one_value_per_epoch(client, run_id: str, epochs: int) -> None:
@@ -178,11 +164,11 @@ def test_an_interrupted_driver_leaves_no_workers_and_a_rerun_continues_the_same_
 
     [run] = pretrain_runs(cluster, repo)
     assert run.info.run_id == manifest["mlflow_run_id"] == attempts[0][0].info.run_id == attempts[1][0].info.run_id
-    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_ATTEMPTS] == "3"
-    assert run.data.tags[tracking.TAG_PARENT] == manifest["mlflow_parent_run_id"]
+    assert run.info.status == "FINISHED" and run.data.tags[runs.TAG_ATTEMPTS] == "3"
+    assert run.data.tags[runs.TAG_PARENT] == manifest["mlflow_parent_run_id"]
     client = cluster.mlflow.client()
     assert client.get_run(manifest["mlflow_parent_run_id"]).info.status == "FINISHED"
-    assert client.get_run(attempts[0][0].data.tags[tracking.TAG_PARENT]).info.status == "KILLED"
+    assert client.get_run(attempts[0][0].data.tags[runs.TAG_PARENT]).info.status == "KILLED"
     assert_one_value_per_epoch(client, run.info.run_id, epochs)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iformer.models import build_model, count_params, fused_copy, gmacs
+from iformer.models import build_model, count_params, fused_copy, gmacs, has_layer_scale
 from iformer.reference import ALL_BASELINES, BASELINES, PAPER, TABLE18, reference_for
 
 # Table 15: params (M) and GMACs at 224x224 with the 1000-class head.
@@ -19,6 +19,22 @@ def test_params_and_gmacs_match_table15(variant):
     params_m, want_gmacs = TABLE15[variant]
     assert count_params(model) / 1e6 == pytest.approx(params_m, abs=0.1)
     assert gmacs(model, 224) == pytest.approx(want_gmacs, abs=0.01)
+
+
+# Parameters (M) with the 1000-class head as the official code builds each variant
+# (models/iformer.py; H with its recipe's layer scale, a gamma per residual branch).
+OFFICIAL_PARAMS_M = {"iformer_t": 2.886, "iformer_s": 6.563, "iformer_m": 8.907, "iformer_l": 14.780,
+                     "iformer_l2": 24.519, "iformer_h": 99.597}
+
+
+@pytest.mark.parametrize("variant", sorted(OFFICIAL_PARAMS_M))
+def test_every_variant_has_the_official_parameter_count(variant):
+    model = build_model(variant, 1000)  # layer scale: the official configuration's
+    params_m = count_params(model) / 1e6
+    assert params_m == pytest.approx(OFFICIAL_PARAMS_M[variant], abs=5e-4)
+    # The paper: Table 15 (T-L), Table 3 (L2) to one decimal; Table 8 prints H as "99".
+    assert params_m == pytest.approx(PAPER[variant].params_m, abs=1.0 if variant == "iformer_h" else 0.1)
+    assert has_layer_scale(model.state_dict()) == (variant == "iformer_h")
 
 
 def _randomize_bn(model):
@@ -114,3 +130,13 @@ def test_a_teacher_of_another_architecture_is_summarised_not_dumped(tmp_path):
     torch.save(timm.create_model("resnet10t", num_classes=5).state_dict(), path)
     with pytest.raises(TeacherError, match=r"2 keys of another shape \(fc.weight \(5, 512\) vs \(10, 512\)"):
         load_teacher("resnet10t", path, 10)
+
+
+@pytest.mark.parametrize("layer_scale", [0.0, 1e-6])
+def test_an_iformer_teacher_has_the_layer_scale_of_its_weights(tmp_path, layer_scale):
+    from iformer.distill import load_teacher
+
+    path = tmp_path / "teacher.pt"
+    torch.save(build_model("iformer_t", 10, layer_scale=layer_scale).state_dict(), path)
+    teacher = load_teacher("iformer_t", path, 10)  # strict: a gamma too many or too few fails
+    assert has_layer_scale(teacher.state_dict()) == (layer_scale > 0)

@@ -1,15 +1,10 @@
 """Pretraining on real Ray Train: DDP over gloo, distillation, EMA, resume, bad input."""
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline.core import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -64,37 +59,7 @@ def checkpoint_manifest(repo):
     return json.loads((repo.path / "artifacts/pretrain/manifest.json").read_text())
 
 
-def test_interrupted_stage_resumes_from_last_checkpoint(prepared_repo):
-    repo = prepared_repo
-    _params(repo, {"train": {"epochs": 3}})
-    from pipeline.config import load_config
-    from pipeline.data import Prepared
-    from pipeline.pretrain import run_name
-
-    name = run_name(load_config(repo.path / "params.yaml"), Prepared.load(repo.path / "artifacts/prepare"))
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=repo.path, env=repo.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    first = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((repo.path / "ray_results").glob(f"{name}/epoch-0001/state.pt"))
-        if found:
-            first = found[0]
-            break
-        time.sleep(1)
-    assert first is not None, "no first-epoch checkpoint appeared"
-    time.sleep(2)  # let the file land completely
-    os.killpg(proc.pid, signal.SIGKILL)  # the stage and the Ray it started
-    proc.wait()
-    assert not (repo.path / "artifacts/pretrain/manifest.json").exists() or \
-        checkpoint_manifest(repo)["epochs"] != 3
-
-    out = repo.stage("pretrain")
-    assert "starting at epoch 1 from ray checkpoint" in out.stderr, out.stderr[-3000:]
-    manifest = checkpoint_manifest(repo)
-    assert manifest["epochs"] == 3 and manifest["ray_run_name"] == first.parent.parent.name
-    hist = repo.mlflow_client().get_metric_history(manifest["mlflow_run_id"], "val_top1")
-    assert sorted(m.step for m in hist) == [1, 2, 3], "the resumed run carries the whole history"
+# Kill and resume: tests/test_runtime.py (a SIGKILLed stage's rerun resumes in the same MLflow run).
 
 
 def _expect_error(repo, needle):
@@ -129,7 +94,7 @@ def test_amp_bf16_and_channels_last_step_on_cpu():
     from torch.utils.data import DataLoader, TensorDataset
 
     from pipeline.config import Config
-    from pipeline.train import build_components, train_one_epoch
+    from pipeline.classify.worker import build_components, train_one_epoch
 
     cfg = Config.model_validate({"data": {"image_size": 32}, "train": {"amp": "bf16", "channels_last": True,
                                                                         "batch_size": 8, "epochs": 1}})

@@ -8,7 +8,8 @@ import yaml
 from pipeline.errors import PipelineError
 from conftest import ROOT
 from pipeline.config import load_config
-from pipeline.recipes import RECIPES, build
+from pipeline.config.apply import build
+from pipeline.config.recipes import RECIPES
 
 # Table 9 of the paper, per variant: drop path, layer scale, base lr, batch.
 TABLE9 = {
@@ -67,7 +68,7 @@ def test_apply_command_rewrites_params_keeping_cluster_settings(tmp_path):
     for split in ("train", "val"):
         (in1k / split / "n01440764").mkdir(parents=True)
     out = subprocess.run([sys.executable, "-m", "pipeline.recipes", "iformer_l", "--data-root", str(in1k),
-                          "--set", "train.batch_size=1024", "--params", str(params)],
+                          "-S", "train.batch_size=1024", "--params", str(params)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     written = yaml.safe_load(params.read_text())
@@ -100,3 +101,59 @@ def test_apply_keeps_comments_and_refuses_a_missing_data_root(tmp_path):
     assert all(c in text for c in comments), "every comment of params.yaml survives"
     assert "scale: [0.08, 1.0]" in text and "clip_grad: null" in text
     assert load_config(params).model.variant == "iformer_m"
+
+
+# The official v0.9 release files (github.com/ChuanyangZheng/iFormer/releases/tag/v0.9), as timm's
+# pretrained configs name them: plain for T, S, M, L, H; distilled for M, L, L2.
+RELEASE_FILES = {"iformer_t": "iFormer_t.pth", "iformer_s": "iFormer_s.pth", "iformer_m": "iFormer_m.pth",
+                 "iformer_l": "iFormer_l.pth", "iformer_h": "iFormer_h.pth",
+                 "iformer_m_distilled": "iFormer_m_distill.pth", "iformer_l_distilled": "iFormer_l_distill.pth",
+                 "iformer_l2_distilled": "iFormer_l2_distill.pth"}
+
+
+@pytest.mark.parametrize("arch", sorted(RELEASE_FILES))
+def test_release_recipes_evaluate_the_official_weights_as_timm_does(arch):
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(f"{arch}.in1k")
+    assert pretrained.url.endswith("/" + RELEASE_FILES[arch]), "the file the recipe expects is the release's"
+    variant = arch.removesuffix("_distilled")
+    name = f"{variant}_distill_release" if arch.endswith("_distilled") else f"{variant}_release"
+    cfg = build(name, overrides={"data.root": "/data/imagenet"})
+    assert cfg.model.variant == variant and str(cfg.model.weights) == f"weights/{RELEASE_FILES[arch]}"
+    assert cfg.train.epochs == 0, "passed through unchanged"
+    assert not cfg.distill.enabled, "a distilled release brings its own head; nothing trains"
+    assert (cfg.data.image_size, cfg.aug.crop_pct, cfg.aug.interpolation) == (
+        pretrained.input_size[-1], pretrained.crop_pct, pretrained.interpolation)
+    assert cfg.layer_scale == (1e-6 if variant == "iformer_h" else 0.0)
+
+
+@pytest.mark.slow
+def test_release_recipe_command_names_its_weights_file(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    for split in ("train", "val"):
+        (tmp_path / "in1k" / split / "n01440764").mkdir(parents=True)
+
+    def apply(*extra):
+        return subprocess.run([sys.executable, "-m", "pipeline.recipes", "iformer_m_release", "--data-root",
+                               str(tmp_path / "in1k"), "--params", str(params), *extra], capture_output=True, text=True)
+
+    missing = apply()
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        f"error: model.weights: {tmp_path / 'weights/iFormer_m.pth'} does not exist")
+    outside = tmp_path / "elsewhere.pth"
+    outside.write_bytes(b"x")
+    refused = apply("--weights", str(outside))
+    assert refused.returncode == 2 and "is outside" in refused.stderr and "copy or link it into weights/" in refused.stderr
+    assert params.read_text() == (ROOT / "params.yaml").read_text(), "refused applies leave the file alone"
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "mine.pth").write_bytes(b"x")  # its contents are the pretrain stage's to check
+    ok = apply("--weights", "weights/mine.pth")
+    assert ok.returncode == 0, ok.stderr
+    assert "weights/mine.pth passed through" in ok.stdout
+    cfg = load_config(params)
+    assert (cfg.recipe, str(cfg.model.weights), cfg.train.epochs) == ("iformer_m_release", "weights/mine.pth", 0)
+    listed = subprocess.run([sys.executable, "-m", "pipeline.recipes", "--list"], capture_output=True, text=True)
+    assert {"iformer_m_release", "iformer_l2_distill_release"} <= set(listed.stdout.split())

@@ -5,8 +5,10 @@ import time
 
 import pytest
 import yaml
+from conftest import dvc_record, stub_project
 
-from pipeline import layout, store, tracking
+from pipeline.core import layout, outputs
+from pipeline.tracking import store, runs
 from pipeline.config import Config, parse_config
 
 
@@ -29,17 +31,17 @@ def repo(tmp_path, monkeypatch):
 def _client(cfg, root):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking.tracking_uri(cfg, root))
+    return MlflowClient(runs.tracking_uri(cfg, root))
 
 
 def test_parent_carries_identity_changed_params_and_whole_duration(repo):
     import mlflow
 
     cfg = parse_config({**Config().to_dict(), "optim": {**Config().to_dict()["optim"], "base_lr": 0.004}}, "t")
-    with tracking.stage_run(cfg, "prepare", repo) as a:
+    with runs.stage_run(cfg, "prepare", repo) as a:
         time.sleep(0.3)
-        tracking.write_manifest("prepare", repo, a)
-    with tracking.stage_run(cfg, "pretrain", repo) as b:
+        outputs.write_manifest("prepare", repo, a)
+    with runs.stage_run(cfg, "pretrain", repo) as b:
         mlflow.log_metric("x", 1)
         time.sleep(0.3)
     client = _client(cfg, repo)
@@ -57,20 +59,24 @@ def test_parent_carries_identity_changed_params_and_whole_duration(repo):
     assert parent.data.metrics["wall_s"] >= 0.6
 
 
-def test_linked_child_carries_this_invocations_identity(repo, monkeypatch):
+def test_linked_child_carries_this_invocations_identity(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("IFORMER_PIPELINE_RUN", "inv-1")
     base = Config()
-    with tracking.stage_run(base, "prepare", repo) as prep:
+    repo = stub_project(tmp_path / "dvc-repo", base.to_dict())
+    with runs.stage_run(base, "prepare", repo) as prep:
         prep.log_headline({"images": 1797.0})
-        tracking.write_manifest("prepare", repo, prep)
+        outputs.write_manifest("prepare", repo, prep)
+    dvc_record(repo, "prepare")  # DVC records it: the next run skips it, and links it
     monkeypatch.setenv("IFORMER_PIPELINE_RUN", "inv-2")
     monkeypatch.setenv("DVC_EXP_NAME", "epochs3")
     cfg = parse_config({**base.to_dict(), "train": {**base.to_dict()["train"], "epochs": 3}}, "t")
-    with tracking.stage_run(cfg, "pretrain", repo) as pre:
+    with runs.stage_run(cfg, "pretrain", repo) as pre:
         pass
     client = _client(cfg, repo)
-    kids = client.search_runs([pre.experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{pre.parent_run_id}'")
-    linked = next(k for k in kids if k.data.tags[tracking.TAG_STAGE] == "prepare")
-    assert linked.data.tags[tracking.TAG_LINKED_FROM] == prep.run_id
+    kids = client.search_runs([pre.experiment_id], f"tags.`{runs.TAG_PARENT}` = '{pre.parent_run_id}'")
+    linked = next(k for k in kids if k.data.tags[runs.TAG_STAGE] == "prepare")
+    assert linked.data.tags[runs.TAG_LINKED_FROM] == prep.run_id
     assert linked.data.tags["iformer.dvc_experiment"] == "epochs3"
     assert linked.data.tags["iformer.params_hash"] == cfg.params_hash() != base.params_hash()
     assert linked.data.tags["iformer.linked_params_hash"] == base.params_hash()
@@ -87,7 +93,7 @@ def test_moved_repo_keeps_working_artifact_links(repo, tmp_path):
     cfg = Config()
     note = repo / "note.txt"
     note.write_text("hello")
-    with tracking.stage_run(cfg, "prepare", repo) as srun:
+    with runs.stage_run(cfg, "prepare", repo) as srun:
         mlflow.log_artifact(str(note), "x")
     moved = tmp_path / "elsewhere"
     shutil.move(repo, moved)

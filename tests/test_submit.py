@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cluster_fixture import TRAIN_WORKERS, cluster, cluster_repo, ray_query, wait_for  # noqa: F401 (fixture)
+from cluster_fixture import TRAIN_WORKERS, cluster_repo, ray_query, wait_for
 
 pytestmark = pytest.mark.slow
 

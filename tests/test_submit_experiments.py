@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixture import cluster, cluster_repo, ray_query, wait_for  # noqa: F401 (fixture)
-from pipeline import tracking
+from cluster_fixture import cluster_repo, ray_query, wait_for
+from pipeline.tracking import runs as tracking
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,9 @@ def test_three_experiments_run_at_once_and_come_back(tmp_path, cluster):
     repo, remote = experiments_repo(tmp_path, cluster)
     repo.run("dvc", "exp", "run", "--queue", "-n", "queued", "-S", "optim.base_lr=0.001")
     t0 = time.time()
-    out = submit(repo, remote, "--exp", "lr-hi:optim.base_lr=0.004", "--exp", "wd:optim.weight_decay=0.1,train.seed=1",
-                 "--queue", "--", "dvc", "exp", "run", "pretrain")
+    out = submit(repo, remote, "--exp", "lr-hi", "-S", "optim.base_lr=0.004",
+                 "--exp", "wd", "-S", "optim.weight_decay=0.1", "-S", "train.seed=1", "--queue",
+                 "--", "dvc", "exp", "run", "pretrain")
     elapsed = time.time() - t0
     assert out.returncode == 0, out.stderr[-3000:]
     print(f"three experiments submitted and back in {elapsed:.0f} s")
@@ -135,7 +136,8 @@ def test_three_experiments_run_at_once_and_come_back(tmp_path, cluster):
 def test_a_bad_experiment_stops_everything_before_submission(tmp_path, cluster):
     repo, remote = experiments_repo(tmp_path, cluster)
     before = jobs(cluster)
-    out = submit(repo, remote, "--exp", "lr:optim.base_lr=0.004", "--exp", "bad:optim.bogus=1", timeout=120)
+    out = submit(repo, remote, "--exp", "lr", "-S", "optim.base_lr=0.004", "--exp", "bad", "-S", "optim.bogus=1",
+                 timeout=120)
     assert out.returncode == 2, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--exp 2 (bad)" in errors[0] and "optim.bogus" in errors[0], out.stderr
@@ -149,7 +151,8 @@ def test_ctrl_c_stops_every_experiment(tmp_path, cluster):
     repo.set_params({"train": {"epochs": 30}})
     repo.git("commit", "-qam", "long runs")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.submit", "--git-remote", str(remote),
-                             "--exp", "stop-a:optim.base_lr=0.004", "--exp", "stop-b:optim.base_lr=0.001",
+                             "--exp", "stop-a", "-S", "optim.base_lr=0.004",
+                             "--exp", "stop-b", "-S", "optim.base_lr=0.001",
                              "--", "dvc", "exp", "run", "pretrain"],
                             cwd=repo.path, env=repo.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -173,7 +176,8 @@ def test_ctrl_c_stops_every_experiment(tmp_path, cluster):
 
 def test_without_a_dvc_remote_an_experiment_comes_back_without_outputs(tmp_path, cluster):
     repo, remote = experiments_repo(tmp_path, cluster)
-    out = submit(repo, remote, "--no-cache", "--exp", "img64:data.image_size=64", "--", "dvc", "exp", "run", "prepare")
+    out = submit(repo, remote, "--no-cache", "--exp", "img64", "-S", "data.image_size=64",
+                 "--", "dvc", "exp", "run", "prepare")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "without outputs" in out.stderr
     refs = dict(line.split() for line in repo.git("for-each-ref", "--format=%(refname:lstrip=-1) %(objectname)",

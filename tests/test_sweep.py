@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster_fixture import cluster, cluster_repo  # noqa: F401 (fixture)
+from cluster_fixture import cluster_repo
 from conftest import TINY, make_repo
-from pipeline import tracking
+from pipeline.tracking import runs
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.sweep import TAG_EARLY, TAG_TRIAL
-from pipeline.sweep import latency as sweep_latency
+from pipeline.sweep import objective as sweep_latency
 from pipeline.sweep.search import param_space, with_room_for_trials
 
 
@@ -34,11 +34,11 @@ def test_an_asha_sweep_logs_each_trial_under_one_parent_and_writes_the_best_conf
 
     client = cluster.mlflow.client()
     parent = client.get_run(best["mlflow_parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_KIND] == "sweep"
+    assert parent.info.status == "FINISHED" and parent.data.tags[runs.TAG_KIND] == "sweep"
     assert parent.data.metrics["trials"] == 4
     assert parent.data.metrics["best_val_top1"] == pytest.approx(best["value"])
     trials = client.search_runs([parent.info.experiment_id],
-                                filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent.info.run_id}'")
+                                filter_string=f"tags.`{runs.TAG_PARENT}` = '{parent.info.run_id}'")
     assert len(trials) == 4 and len({t.data.tags[TAG_TRIAL] for t in trials}) == 4
     assert all(t.info.status == "FINISHED" for t in trials), [t.info.status for t in trials]
     for t in trials:  # per-epoch metrics from the trial's workers, one value per epoch

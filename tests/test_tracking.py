@@ -3,8 +3,11 @@ import json
 import socket
 
 import pytest
+from conftest import dvc_record, stub_project
 
-from pipeline import layout, tracking
+from pipeline.core import layout, outputs
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.store import check_reachable
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
@@ -28,14 +31,16 @@ def test_stages_share_one_parent_and_cached_stages_are_linked(store, monkeypatch
     import mlflow
 
     cfg = Config()
+    store = stub_project(store / "repo", cfg.to_dict())
     with tracking.stage_run(cfg, "prepare", store) as prep:
         mlflow.log_metric("train_images", 42)
-        tracking.write_manifest("prepare", store, prep, source="digits")
+        outputs.write_manifest("prepare", store, prep, source="digits")
     with tracking.stage_run(cfg, "pretrain", store) as pre:
-        tracking.write_manifest("pretrain", store, pre)
+        outputs.write_manifest("pretrain", store, pre)
     assert pre.parent_run_id == prep.parent_run_id
+    dvc_record(store, "prepare")
 
-    # A new invocation in which DVC restored `prepare` from cache: only pretrain runs.
+    # A new invocation in which DVC skipped `prepare` (up to date): only pretrain runs.
     monkeypatch.setenv("IFORMER_PIPELINE_RUN", "test-invocation-2")
     with tracking.stage_run(cfg, "pretrain", store) as pre2:
         pass
@@ -52,6 +57,19 @@ def test_stages_share_one_parent_and_cached_stages_are_linked(store, monkeypatch
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["iformer.params_hash"] == cfg.params_hash()
     assert parent.data.params["model.variant"] == "iformer_t"
+
+    # prepare's output changed since DVC recorded it: not linked, named stale, and pretrain's figures stay off.
+    (store / "artifacts/prepare/manifest.json").write_text("{}")
+    monkeypatch.setenv("IFORMER_PIPELINE_RUN", "test-invocation-3")
+    with tracking.stage_run(cfg, "pretrain", store) as pre3:
+        pre3.log_headline({"img_per_sec": 100.0})
+    assert pre3.stale == {"prepare": "prepare: output artifacts/prepare modified"}
+    assert pre3.stale_upstream == pre3.stale["prepare"]
+    kids = client.search_runs([pre3.experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{pre3.parent_run_id}'")
+    assert [k.data.tags[tracking.TAG_STAGE] for k in kids] == ["pretrain"]
+    parent = client.get_run(pre3.parent_run_id)
+    assert "img_per_sec" not in parent.data.metrics
+    assert parent.data.tags[tracking.TAG_STALE] == "prepare, pretrain (output artifacts/prepare modified)"
 
 
 def test_failed_stage_marks_runs_failed(store):
@@ -70,9 +88,9 @@ def test_unreachable_server_is_one_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave: nothing listens there
     with pytest.raises(PipelineError, match=f"tracking server http://127.0.0.1:{port} is unreachable"):
-        tracking.check_reachable(f"http://127.0.0.1:{port}")
+        check_reachable(f"http://127.0.0.1:{port}")
     with pytest.raises(PipelineError, match="is not a tracking URI"):
-        tracking.check_reachable("mlruns.db")
+        check_reachable("mlruns.db")
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
@@ -86,7 +104,7 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 
 def test_manifest_is_written_atomically(store):
     srun = tracking.StageRun("r", "p", "sqlite:///x", "0")
-    path = tracking.write_manifest("report", store, srun, top1=0.5)
+    path = outputs.write_manifest("report", store, srun, top1=0.5)
     assert json.loads(path.read_text())["top1"] == 0.5
     assert not list(path.parent.glob("*.tmp"))
 
@@ -94,7 +112,7 @@ def test_manifest_is_written_atomically(store):
 def test_an_interrupted_stage_run_is_reopened_under_the_new_parent_with_its_metrics(store, monkeypatch):
     import mlflow
 
-    from pipeline.train import MetricLogger
+    from pipeline.tracking.metrics import MetricLogger
 
     cfg = Config()
     with pytest.raises(KeyboardInterrupt):

@@ -3,33 +3,55 @@
 `IFormerBackbone` keeps timm's `stem` and `stages` modules under their timm
 names, so a classifier's state dict (pretrain `model.pt`, an official iFormer
 release through timm's key filter) loads strictly once its head is dropped. It
-returns the maps at strides 4/8/16/32 selected by `out_indices`.
+returns the maps at strides 4/8/16/32 selected by `out_indices`. Layer scale is
+part of the architecture: `layer_scale=None` builds the official value (1e-6
+for H, none for the others); `checkpoint_layer_scale` reads it off weights.
 
-Hybrid window SHMA (App. F, Table 16): in each stage of `window_stages` the
-attention blocks but the last attend within `window_size` windows; the last
-stays global. The map is partitioned once per stage, just before the first
-attention block (after its CPE), and reversed once, just before the last
-attention block (its CPE still runs per window) -- the blocks in between (CPE,
-SHMA, FFN) run unchanged on the window batch. Partition and reverse use
-channel chunking (`window_chunks`; 16 in the paper at 512x512). For sizes not
-divisible by the window the map is zero-padded: padded keys are masked out of
-attention and padded pixels are re-zeroed after each block, so a window that
-covers the whole map computes exactly the global result.
+Hybrid window SHMA in the stages of `window_stages` (stage 3 by default), as
+the official detection backbone (`detection/iformer.py`, the `wsp1` / `wre1`
+blocks) computes it -- `window_layout="official"`, `window_padding="zeros"`:
+
+- the map is zero-padded at the bottom/right to a multiple of `window_size` and
+  partitioned just before the mixer of the first attention block (its CPE runs
+  on the full map), also when one window covers the map (14x14 pads to 16x16);
+- every block from there on (SHMA, FFN, the next CPE...) runs on the window
+  batch, padding included and unmasked (each window's CPE convolution pads at
+  the window border);
+- the map is reversed and cropped right after the mixer of attention block r,
+  and the blocks after it run on the full map. r is the last attention block
+  of a stage with up to four (iFormer-M's four are all windowed) and the
+  second-to-last of a stage with more (L: 8, L2: 11, one global triplet at the
+  end). T and S (three) and H (fifteen), which the official code has no
+  detection config for, follow the same rule.
+
+Partition and reverse use channel chunking (`window_chunks`; 16 as the official
+code): the result equals the plain reshape. Two named alternatives:
+`window_layout="paper"` reverses just before the last attention block (the
+sentence of App. F and Table 16: every attention block but the last windowed,
+the last CPE still per window); `window_padding="masked"` masks padded keys out
+of attention and re-zeroes padded pixels after each windowed block, so a
+window that covers the map computes exactly global attention and a pixel's
+result does not depend on how much padding its image needs.
+`window_size=0` is global attention throughout.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.models.iformer import IFormer, SHMABlock, checkpoint_filter_fn
 
+from ..models import build_model, default_layer_scale, layer_scale_from
+from ..weights import read_checkpoint
 from . import window as win
+
+WINDOW_LAYOUTS = ("official", "paper")
+WINDOW_PADDINGS = ("zeros", "masked")
+#: The official layout windows every attention block of a stage with up to this many.
+ALL_WINDOWED_UP_TO = 4
 
 
 class BackboneWeightsError(ValueError):
@@ -57,33 +79,41 @@ def _masked_shma(block: SHMABlock, x: torch.Tensor, key_mask: torch.Tensor) -> t
     return x + out
 
 
-def windowed_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, window: int, chunks: int = 1) -> torch.Tensor:
-    """Run `blocks` (a stage's block list) with hybrid window attention.
-
-    Blocks before the first SHMA block and from the last one on see the full
-    map; those in between see `window` x `window` windows (padded if needed).
-    """
+def window_span(blocks: Sequence[nn.Module], layout: str = "official") -> tuple[int, int]:
+    """The blocks `[start, stop)` of a stage that run on windows (none when equal)."""
     attn_at = [i for i, blk in enumerate(blocks) if isinstance(blk, SHMABlock)]
-    first, last = attn_at[0], attn_at[-1]
-    for blk in blocks[:first]:
+    if not attn_at:
+        return 0, 0
+    if layout == "paper":  # reverse before the last attention block
+        return attn_at[0], attn_at[-1]
+    last = attn_at[-1] if len(attn_at) <= ALL_WINDOWED_UP_TO else attn_at[-2]
+    return attn_at[0], last + 1  # reverse after its mixer
+
+
+def windowed_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, window: int, chunks: int = 1,
+                    layout: str = "official", padding: str = "zeros") -> torch.Tensor:
+    """Run `blocks` (a stage's block list) with hybrid window attention (see the module docstring)."""
+    start, stop = window_span(blocks, layout)
+    for blk in blocks[:start]:
         x = blk(x)
-    b, c, h, w = win.static_shape(x)
-    pad_h, pad_w = win.padding(h, w, window)
-    chunks = min(chunks, c)
-    x = win.partition(F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x, window, chunks)
-    if pad_h or pad_w:
-        valid = win.valid_mask(b, h, w, window, x)
-        key_mask = valid.flatten(1)[:, None, None, :] > 0  # (B * nW, 1, 1, window^2)
-        for blk in blocks[first:last]:
-            x = _masked_shma(blk, x, key_mask) if isinstance(blk, SHMABlock) else blk(x)
-            x = x * valid
-    else:
-        for blk in blocks[first:last]:
-            x = blk(x)
-    x = win.reverse(x, window, h + pad_h, w + pad_w, chunks)
-    if pad_h or pad_w:
-        x = x[:, :, :h, :w]
-    for blk in blocks[last:]:
+    if stop > start:
+        b, c, h, w = win.static_shape(x)
+        pad_h, pad_w = win.padding(h, w, window)
+        chunks = min(chunks, c)
+        x = win.partition(F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x, window, chunks)
+        if padding == "masked" and (pad_h or pad_w):
+            valid = win.valid_mask(b, h, w, window, x)
+            key_mask = valid.flatten(1)[:, None, None, :] > 0  # (B * nW, 1, 1, window^2)
+            for blk in blocks[start:stop]:
+                x = _masked_shma(blk, x, key_mask) if isinstance(blk, SHMABlock) else blk(x)
+                x = x * valid
+        else:
+            for blk in blocks[start:stop]:
+                x = blk(x)
+        x = win.reverse(x, window, h + pad_h, w + pad_w, chunks)
+        if pad_h or pad_w:
+            x = x[:, :, :h, :w]
+    for blk in blocks[stop:]:
         x = blk(x)
     return x
 
@@ -98,13 +128,20 @@ class IFormerBackbone(nn.Module):
         window_size: int = 16,
         window_stages: Sequence[int] = (2,),
         window_chunks: int = 16,
+        window_layout: str = "official",
+        window_padding: str = "zeros",
+        layer_scale: float | None = None,
         norm_eval: bool = False,
         drop_path: float = 0.0,
         pretrained: str | None = None,
         init_cfg: dict | None = None,  # accepted for mmengine's builders; `pretrained` is the init
     ):
         super().__init__()
-        net: IFormer = timm.create_model(variant, pretrained=False, num_classes=0, drop_path_rate=drop_path)
+        if window_layout not in WINDOW_LAYOUTS or window_padding not in WINDOW_PADDINGS:
+            raise ValueError(f"window_layout must be one of {WINDOW_LAYOUTS} (got {window_layout!r}), "
+                             f"window_padding one of {WINDOW_PADDINGS} (got {window_padding!r})")
+        self.layer_scale = default_layer_scale(variant) if layer_scale is None else float(layer_scale)
+        net: IFormer = build_model(variant, 0, drop_path=drop_path, layer_scale=self.layer_scale)
         self.variant = variant
         self.stem = net.stem
         self.stages = net.stages
@@ -115,11 +152,10 @@ class IFormerBackbone(nn.Module):
         self.strides = [net.feature_info[i]["reduction"] for i in self.out_indices]
         self.window_size = int(window_size)
         self.window_chunks = int(window_chunks)
-        # A stage needs at least two attention blocks for one of them to be windowed.
-        self.window_stages = tuple(
-            i for i in window_stages
-            if sum(isinstance(b, SHMABlock) for b in self.stages[i].blocks) > 1
-        ) if window_size > 0 else ()
+        self.window_layout = window_layout
+        self.window_padding = window_padding
+        spans = {i: window_span(self.stages[i].blocks, window_layout) for i in window_stages}
+        self.window_stages = tuple(i for i, (a, b) in spans.items() if b > a) if window_size > 0 else ()
         self.norm_eval = norm_eval
         self.pretrained = pretrained
 
@@ -143,12 +179,8 @@ class IFormerBackbone(nn.Module):
         outs = []
         for i, stage in enumerate(self.stages):
             if i in self.window_stages:
-                x = stage.downsample(x)
-                _, _, h, w = win.static_shape(x)
-                if h > self.window_size or w > self.window_size:
-                    x = windowed_blocks(stage.blocks, x, self.window_size, self.window_chunks)
-                else:  # one window covers the map: window attention is global attention
-                    x = stage.blocks(x)
+                x = windowed_blocks(stage.blocks, stage.downsample(x), self.window_size, self.window_chunks,
+                                    self.window_layout, self.window_padding)
             else:
                 x = stage(x)
             if i in self.out_indices:
@@ -160,19 +192,6 @@ class IFormerBackbone(nn.Module):
         """Fold BatchNorm and CPE branches, as timm's `IFormer.fuse` does (deployment form)."""
         IFormer.fuse(self)
         return self
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """`torch.load(weights_only=True)`, allowing (for this load only) the argparse
-    and numpy globals official iFormer releases carry -- the list timm uses."""
-    numpy_core = np._core if hasattr(np, "_core") else np.core
-    extra = [argparse.Namespace, np.dtype, type(np.dtype("float64")),
-             (numpy_core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-    # The context manager removes its globals on exit, even ones allowed before it
-    # (e.g. numpy.dtype for mmengine checkpoints): only lend the missing ones.
-    allowed = set(torch.serialization.get_safe_globals())
-    with torch.serialization.safe_globals([g for g in extra if g not in allowed]):
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def backbone_state_dict(obj: dict) -> dict:
@@ -189,6 +208,13 @@ def backbone_state_dict(obj: dict) -> dict:
     if not tensors:
         raise BackboneWeightsError("holds no weights (no tensors under state_dict / model)")
     return {k: v for k, v in tensors.items() if not k.startswith("head.")}
+
+
+def checkpoint_layer_scale(obj: dict) -> float:
+    """The layer scale a classifier checkpoint's network has: as recorded (pretrain
+    weights files), else from its keys (`gamma` parameters: official H releases)."""
+    recorded = obj.get("layer_scale") if isinstance(obj, dict) else None
+    return layer_scale_from(backbone_state_dict(obj), recorded)
 
 
 def load_backbone_weights(backbone: IFormerBackbone, obj: dict, source: str = "checkpoint") -> None:
@@ -211,5 +237,7 @@ def load_backbone_weights(backbone: IFormerBackbone, obj: dict, source: str = "c
             f"{len(mismatched)} of other shape (e.g. {mismatched[0]} {tuple(state[mismatched[0]].shape)} "
             f"vs {tuple(own[mismatched[0]].shape)})" if mismatched else "",
         ) if part)
+        if all(k.endswith(".gamma") for k in missing + unexpected) and not mismatched:
+            detail += f" (layer scale: the backbone is built with {backbone.layer_scale:g})"
         raise BackboneWeightsError(f"{source} is not an {backbone.variant} checkpoint: {detail}")
     backbone.load_state_dict(state, strict=True)

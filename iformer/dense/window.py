@@ -6,8 +6,8 @@ or exported graph holds fixed reshapes and pads (what Core ML needs at 512x512).
 channels and each chunk is partitioned (or reversed) on its own, then the
 pieces are concatenated; the result is identical to the plain operation, with
 smaller reshapes. Padding: maps not divisible by the window are zero-padded at
-the bottom/right; `valid_mask` marks the real pixels so attention can ignore
-the padding.
+the bottom/right; `valid_mask` marks the real pixels, for the backbone's masked
+padding option.
 """
 from __future__ import annotations
 

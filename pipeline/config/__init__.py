@@ -6,8 +6,8 @@ the bad value, before any work, MLflow run or Ray start-up happens.
 
 The schema's defaults are the embedded default (the digits data set, a few
 minutes on 2 CPU cores); the paper's ImageNet recipes live in
-:mod:`pipeline.recipes` and are written into `params.yaml` by
-`python -m pipeline.recipes NAME`.
+`config.recipes` (the dense presets in `config.presets`), `config.apply` builds
+one, and `python -m pipeline.recipes NAME` writes it into `params.yaml`.
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import PipelineError
-from .base import LaxPath, Location, Pair, Section, check_multiple_of_32, ordered_pair
+from .base import (MAX_BATCH, MAX_COUNT, MAX_EPOCHS, MAX_GPUS, MAX_ITERS, MAX_THREADS, MAX_WORKERS, LaxPath,
+                   Location, Pair, Section, check_multiple_of_32, ordered_pair)
 from .dense import DetectionConfig, SegmentationConfig
 from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, LatencyConfig, OnnxExportConfig
+from .recipes import RECIPES
 from .sweep import SweepConfig
 
 __all__ = ["VARIANTS", "LATENCY_BACKENDS", "Config", "CoreMLExportConfig", "DetectionConfig", "ExportConfig",
@@ -38,8 +40,14 @@ VARIANTS = ("iformer_t", "iformer_s", "iformer_m", "iformer_l", "iformer_l2", "i
 class ModelConfig(Section):
     variant: Literal[VARIANTS] = "iformer_t"  # type: ignore[valid-type]
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
-    # 0 disables layer scale (paper: None for T/S/M/L, 1e-6 for H).
-    layer_scale: float = Field(0.0, ge=0.0, le=1.0)
+    # Layer-scale init value; 0 builds no layer scale. null: the official
+    # configuration's (1e-6 for H, none for T/S/M/L/L2; Table 15).
+    layer_scale: Optional[float] = Field(None, ge=0.0, le=1.0)
+    # Start from released weights: a file under weights/ (an official iFormer
+    # .pth, a timm state dict or .safetensors, or a pretrain model.pt), fine-tuned
+    # for train.epochs or, with train.epochs 0, passed through unchanged. null:
+    # random initialisation.
+    weights: Optional[LaxPath] = None
 
 
 class DataConfig(Section):
@@ -98,7 +106,7 @@ class OptimConfig(Section):
     name: Literal["adamw"] = "adamw"
     # lr = base_lr * train.batch_size / base_batch_size (linear scaling rule).
     base_lr: float = Field(2e-3, gt=0.0, le=10.0)
-    base_batch_size: int = Field(64, gt=0)
+    base_batch_size: int = Field(64, gt=0, le=MAX_BATCH)
     weight_decay: float = Field(0.05, ge=0.0)
     betas: Pair = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
@@ -107,27 +115,30 @@ class OptimConfig(Section):
 
 class ScheduleConfig(Section):
     name: Literal["cosine"] = "cosine"
-    warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS)
     warmup_lr: float = Field(1e-6, ge=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
 
 
 class TrainConfig(Section):
-    epochs: int = Field(6, gt=0)
-    batch_size: int = Field(64, gt=0)  # global: split evenly over ray.num_workers
+    epochs: int = Field(6, ge=0, le=MAX_EPOCHS)  # 0: no training, model.weights passed through as they are
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH)  # global: split evenly over ray.num_workers
     seed: int = 0
+    # Same seed, machine and thread count => same weights: deterministic algorithms (warning where
+    # an op has none), and on GPU cuDNN picks its algorithms deterministically (slower than benchmark).
+    deterministic: bool = True
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
-    log_every_batches: int = Field(10, gt=0)
-    checkpoints_to_keep: int = Field(2, gt=0)
+    log_every_batches: int = Field(10, gt=0, le=MAX_ITERS)
+    checkpoints_to_keep: int = Field(2, gt=0, le=MAX_COUNT)
     # BatchNorm normalises with its running statistics and does not update them
     # (its scale and shift still train): results then do not depend on how the
-    # global batch is split over workers. For fine-tuning from train.resume_from.
+    # global batch is split over workers. For fine-tuning from model.weights.
     freeze_bn: bool = False
-    # Start from this checkpoint: a Ray Train checkpoint dir / state.pt (full
-    # training state) or a pretrain model.pt (weights only). Runs interrupted
-    # with the same config resume from ray.storage_path by themselves.
+    # Continue this training state: a Ray Train checkpoint dir or its state.pt
+    # (weights to start from are model.weights). Runs interrupted with the same
+    # config resume from ray.storage_path by themselves.
     resume_from: Optional[LaxPath] = None
 
 
@@ -145,17 +156,17 @@ class DistillConfig(Section):
 class RayConfig(Section):
     # null: RAY_ADDRESS if set, else a local Ray started in-process.
     address: Optional[str] = None
-    num_workers: int = Field(1, gt=0)
+    num_workers: int = Field(1, gt=0, le=MAX_WORKERS)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(2.0, gt=0.0)
-    gpus_per_worker: float = Field(1.0, ge=0.0)
+    cpus_per_worker: float = Field(2.0, gt=0.0, le=MAX_THREADS)
+    gpus_per_worker: float = Field(1.0, ge=0.0, le=MAX_GPUS)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Relative: inside the repo (a local Ray only). A cluster needs storage every
     # node reaches: an absolute path on a shared mount, or a URI (s3://, gs://, ...).
     storage_path: Location = Field("ray_results", min_length=1)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, le=1000)
     # Local Ray only: cap on CPUs it may use (null: all of this machine's).
-    local_num_cpus: Optional[int] = Field(None, gt=0)
+    local_num_cpus: Optional[int] = Field(None, gt=0, le=MAX_WORKERS * MAX_THREADS)
     # Give up on a cluster that does not answer within this many seconds
     # (checked before any run is opened; also bounds Ray's own reconnect loop).
     connect_timeout_s: float = Field(15.0, gt=0.0, le=600.0)
@@ -168,7 +179,7 @@ class RayConfig(Section):
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
 
 
 class MlflowConfig(Section):
@@ -176,6 +187,11 @@ class MlflowConfig(Section):
     tracking_uri: Optional[str] = None
     experiment: str = Field("iformer", min_length=1)
     log_model: bool = True
+    # A sqlite store another process holds locked: wait this many seconds (saying so), then stop
+    # before any run opens.
+    lock_wait_s: float = Field(60.0, ge=0.0, le=3600.0)
+    # Which pretrain runs register a model version: every run, only runs with the committed params, none.
+    register_model: Literal["always", "baseline", "never"] = "baseline"
 
 
 class Config(Section):
@@ -199,14 +215,20 @@ class Config(Section):
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, v: str) -> str:
-        from ..recipes import RECIPES
-
         if v not in RECIPES and v != "custom":
             raise ValueError(f"unknown recipe {v!r}; known: {', '.join(sorted(RECIPES))}, custom")
         return v
 
     @model_validator(mode="after")
     def _cross_field(self):
+        if self.train.epochs == 0:
+            if self.model.weights is None:
+                raise ValueError("train.epochs = 0 trains nothing: it passes model.weights through unchanged, and "
+                                 "model.weights is null")
+            for field, value in (("distill.enabled", self.distill.enabled), ("train.resume_from", self.train.resume_from)):
+                if value:
+                    raise ValueError(f"{field} = {value!r}: train.epochs = 0 passes model.weights through without "
+                                     "training (a distilled release keeps its distillation head by itself)")
         if self.train.batch_size % self.ray.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be divisible by "
@@ -224,6 +246,14 @@ class Config(Section):
     def lr(self) -> float:
         """Peak learning rate after the linear scaling rule."""
         return self.optim.base_lr * self.train.batch_size / self.optim.base_batch_size
+
+    @property
+    def layer_scale(self) -> float:
+        """`model.layer_scale`, or the official value of `model.variant` when null."""
+        from iformer.models import default_layer_scale
+
+        ls = self.model.layer_scale
+        return default_layer_scale(self.model.variant) if ls is None else ls
 
     @property
     def per_worker_batch(self) -> int:

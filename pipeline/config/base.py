@@ -23,6 +23,21 @@ IntPair = Annotated[tuple[Annotated[int, Strict()], Annotated[int, Strict()]], S
 Location = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, PathLike) else v)]
 
 
+# Upper bounds on counts, sizes and durations: a value past one of these is a slip (a zero too
+# many), not an experiment, and would run for days or exhaust the machine. Checked with the rest
+# of params.yaml, before any run opens. The paper's recipes sit well inside them (ImageNet: 300
+# or 450 epochs, batch 8192; ADE20K: 40k iterations; COCO: 12 epochs, 1333x800).
+MAX_WORKERS = 1024        # Ray workers
+MAX_THREADS = 256         # threads or CPUs of one process or worker
+MAX_GPUS = 16             # GPUs of one worker
+MAX_EPOCHS = 10_000
+MAX_ITERS = 10_000_000    # iterations and intervals counted in them
+MAX_BATCH = 65_536        # images in a global batch
+MAX_IMAGE_SIDE = 8192     # pixels
+MAX_CHANNELS = 16_384
+MAX_COUNT = 100_000       # trials, timed runs, proposals, scenes, drawn samples, kept checkpoints
+
+
 def check_multiple_of_32(v: int) -> int:
     if v % 32:
         raise ValueError(f"must be a multiple of 32 (the network downsamples 32x), got {v}")

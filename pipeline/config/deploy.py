@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Section, check_multiple_of_32
+from .base import MAX_THREADS, Section, check_multiple_of_32
 
 class CoreMLExportConfig(Section):
     target: Literal["iOS15", "iOS16", "iOS17", "iOS18"] = "iOS16"  # minimum deployment target (ML Program)
@@ -56,11 +56,11 @@ class LatencyConfig(Section):
     require: list[Backend] = []
     # Exported models to time (names from the export stage's manifest).
     models: list[str] = Field(["classifier_224", "backbone_512"], min_length=1)
-    runs: int = Field(30, gt=0)  # timed runs per model and backend, after warm-up
-    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, gt=0, le=10_000)  # timed runs per model and backend, after warm-up
+    warmup: int = Field(5, ge=0, le=1000)
     # torch and ONNX Runtime intra-op threads. 1 by default: on a shared or busy CPU, more
     # threads make eager torch wait at every parallel region (seconds instead of ms).
-    threads: int = Field(1, gt=0)
+    threads: int = Field(1, gt=0, le=MAX_THREADS)  # and no more than this machine's CPUs
     compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"  # Core ML (mac, iphone)
     # iphone: the device's name or UDID; null: the only connected iPhone. The signing
     # team comes from the environment (IFORMER_SIGNING_TEAM), never from this file.

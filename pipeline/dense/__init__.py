@@ -2,10 +2,10 @@
 
 Owns the `prepare_dense`, `finetune_coco` and `finetune_ade20k` stages:
 `prepare` (data: digit scenes or COCO/ADE20K checked, via `scenes` and
-`datasets`), `configs` (mmengine config dicts built from params.yaml),
-`presets` (the paper's settings), `train` (the mmengine Runner on Ray Train
-workers, with `hooks` for Ray checkpoints and MLflow losses), `finetune` (the
-stages' check/run), `samples` (prediction images) and `mmengine_checkpoints`
+`datasets`), `configs` (mmengine config dicts built from params.yaml;
+the paper's settings are `config.presets`), `worker` (the mmengine Runner on
+Ray Train workers, with `hooks` for Ray checkpoints and MLflow losses),
+`finetune` (the stages' check/run), `samples` (prediction images) and `mmengine_checkpoints`
 (mmengine checkpoints under torch's weights-only loading). OpenMMLab is
 imported only where it is used, never by `import pipeline` or `import iformer`.
 """

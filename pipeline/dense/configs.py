@@ -4,7 +4,7 @@ Everything comes from the validated `detection` / `segmentation` sections and
 the prepared data description; no Python config file is ever executed. The
 structure follows mmdet's `mask-rcnn_r50_fpn_1x_coco` and mmseg's
 `fpn_r50_4xb4-80k_ade20k` with the iFormer backbone in place of ResNet. The
-paper's settings are presets (`pipeline/dense/presets.py`).
+paper's settings are presets (`pipeline/config/presets.py`).
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]
 
 
-def backbone(section, variant: str, init: str | None) -> dict:
+def backbone(section, variant: str, init: str | None, layer_scale: float | None) -> dict:
+    """The IFormerBackbone entry; `layer_scale` as the initial weights have it (None: the official value)."""
     b = section.backbone
     return dict(type=BACKBONE, variant=variant, out_indices=(0, 1, 2, 3), window_size=b.window_size,
-                window_stages=(2,), window_chunks=b.window_chunks, norm_eval=b.norm_eval,
+                window_stages=(2,), window_chunks=b.window_chunks, window_layout=b.window_layout,
+                window_padding=b.window_padding, layer_scale=layer_scale, norm_eval=b.norm_eval,
                 drop_path=b.drop_path, pretrained=init)
 
 
@@ -36,7 +38,7 @@ def _runtime(work_dir: str, seed: int, log_interval: int, scope: str) -> dict:
         default_scope=scope,
         work_dir=work_dir,
         randomness=dict(seed=seed, deterministic=False),
-        # Ray Train owns the processes and the process group (see pipeline/dense/train.py).
+        # Ray Train owns the processes and the process group (see pipeline/dense/worker.py).
         launcher="none",
         env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                      dist_cfg=dict(backend="gloo")),
@@ -61,7 +63,8 @@ def _loader(dataset: dict, batch: int, shuffle: bool, infinite: bool = False) ->
                 sampler=dict(type=sampler, shuffle=shuffle), dataset=dataset)
 
 
-def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int) -> dict:
+def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int,
+              layer_scale: float | None = None) -> dict:
     """Mask R-CNN with FPN on the iFormer backbone; `data` is the prepare_dense detection entry."""
     d = cfg.detection
     m, t = d.model, d.train
@@ -95,7 +98,7 @@ def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int) ->
         type="MaskRCNN",
         data_preprocessor=dict(type="DetDataPreprocessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_mask=True,
                                pad_size_divisor=32),
-        backbone=backbone(d, cfg.model.variant, init),
+        backbone=backbone(d, cfg.model.variant, init, layer_scale),
         neck=dict(type="FPN", in_channels=channels(cfg.model.variant), out_channels=ch, num_outs=5),
         rpn_head=dict(
             type="RPNHead", in_channels=ch, feat_channels=ch,
@@ -160,7 +163,8 @@ def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int) ->
     )
 
 
-def segmentation(cfg, data: dict, work_dir: str, init: str | None, workers: int) -> dict:
+def segmentation(cfg, data: dict, work_dir: str, init: str | None, workers: int,
+                 layer_scale: float | None = None) -> dict:
     """Semantic FPN on the iFormer backbone; `data` is the prepare_dense segmentation entry."""
     s = cfg.segmentation
     m, t = s.model, s.train
@@ -195,7 +199,7 @@ def segmentation(cfg, data: dict, work_dir: str, init: str | None, workers: int)
         type="EncoderDecoder",
         data_preprocessor=dict(type="SegDataPreProcessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_val=0,
                                seg_pad_val=255, size=crop),
-        backbone=backbone(s, cfg.model.variant, init),
+        backbone=backbone(s, cfg.model.variant, init, layer_scale),
         neck=dict(type="FPN", in_channels=in_channels, out_channels=m.neck_channels, num_outs=4),
         decode_head=dict(type="FPNHead", in_channels=[m.neck_channels] * 4, in_index=[0, 1, 2, 3],
                          feature_strides=[4, 8, 16, 32], channels=m.head_channels, dropout_ratio=m.dropout,

@@ -5,25 +5,58 @@ images in `{train,val}2017/`. ADE20K layout: `images/{training,validation}/*.jpg
 with `annotations/{training,validation}/*.png` label maps of the same name.
 
 Broken data raises `PipelineError` naming the file (and annotation, image or
-value) at fault. What mmdet itself skips by standard -- crowd regions, empty
+value) at fault: every field the stages read is type- and value-checked (ids
+integers, sizes positive integers, boxes and polygon coordinates finite numbers,
+`file_name` a file under its split folder, `..` resolved), and every image is
+decoded (`verify: decode`, as the classification `prepare` does) or its header
+checked (`header`). What mmdet itself skips by standard -- crowd regions, empty
 boxes, annotations without a valid polygon (fewer than 3 points), training
 images without objects -- is counted and reported instead.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..core import integrity
+from ..core import layout
 from ..errors import PipelineError
 
 COCO_SPLITS = ("train2017", "val2017")
 ADE_SPLITS = ("training", "validation")
 IGNORE = 255
 EDGE_TOLERANCE = 1.0  # pixels a box or polygon may stick out of its image (rounding)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    """A finite int or float (not a bool, a string or NaN)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_picture(path: Path, img: dict | None, verify: str, where: str) -> None:
+    """The image decodes (`verify`: decode; header: PIL's `verify()`) and, for a COCO entry `img`, has the
+    size it records."""
+    if verify == "none":
+        return
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify() if verify == "header" else im.load()
+    except Exception as err:  # PIL raises many types for a broken file
+        raise PipelineError(f"{where}: {path} is not a readable image ({type(err).__name__}: {str(err)[:140]})") \
+            from None
+    if img is not None and size != (img["width"], img["height"]):
+        raise PipelineError(f"{where}: image {img['id']} ({path.name}) is {size[0]}x{size[1]}, "
+                            f"but its entry says {img['width']}x{img['height']}")
 
 
 def coco_annotation_file(root: Path, split: str) -> Path:
@@ -61,12 +94,20 @@ def _check_segmentation(seg, ann_id: int, img: dict, path: Path, field: str) -> 
     """True if the annotation has a usable mask; raises on masks outside the image."""
     w, h = img["width"], img["height"]
     if isinstance(seg, dict):
-        if list(seg.get("size", [])) != [h, w]:
+        counts = seg.get("counts")
+        if not (isinstance(counts, str) or isinstance(counts, list) and all(_is_int(c) for c in counts)):
+            raise PipelineError(f"{field}: {path}: annotation {ann_id} has RLE counts {counts!r:.40}, "
+                                "neither a string nor a list of integers")
+        if not isinstance(seg.get("size", []), list) or list(seg.get("size", [])) != [h, w]:
             raise PipelineError(f"{field}: {path}: annotation {ann_id} has an RLE mask of size "
                                 f"{seg.get('size')}, but image {img['id']} is {h}x{w}")
         return True
     if not isinstance(seg, list):
         raise PipelineError(f"{field}: {path}: annotation {ann_id} has a segmentation that is neither polygons nor RLE")
+    bad = next((p for p in seg if not isinstance(p, list) or not all(_is_number(v) for v in p)), None)
+    if bad is not None:
+        raise PipelineError(f"{field}: {path}: annotation {ann_id} has a polygon {bad!r:.60} whose coordinates "
+                            "are not all finite numbers")
     usable = [p for p in seg if isinstance(p, list) and len(p) % 2 == 0 and len(p) >= 6]
     for poly in usable:
         xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
@@ -77,8 +118,10 @@ def _check_segmentation(seg, ann_id: int, img: dict, path: Path, field: str) -> 
     return bool(usable)
 
 
-def check_coco_split(root: Path, split: str, field: str, categories: dict[int, str] | None = None) -> dict:
-    """Validate one split; returns counts (images, instances, skipped by reason) and categories."""
+def check_coco_split(root: Path, split: str, field: str, categories: dict[int, str] | None = None,
+                     verify: str = "decode") -> dict:
+    """Validate one split (images checked as `verify` says); returns counts (images, instances, skipped by
+    reason) and categories."""
     root = Path(root)
     path = coco_annotation_file(root, split)
     data = _load_coco(path, field)
@@ -90,8 +133,18 @@ def check_coco_split(root: Path, split: str, field: str, categories: dict[int, s
     for img in data["images"]:
         if not isinstance(img, dict) or not all(k in img for k in ("id", "file_name", "width", "height")):
             raise PipelineError(f"{field}: {path}: image entry {img!r:.80} lacks id/file_name/width/height")
+        if not _is_int(img["id"]):
+            raise PipelineError(f"{field}: {path}: image id {img['id']!r:.40} is not an integer")
         if img["id"] in images:
             raise PipelineError(f"{field}: {path}: image id {img['id']} appears twice")
+        w, h = img["width"], img["height"]
+        if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
+            raise PipelineError(f"{field}: {path}: image {img['id']} has width {w!r:.20} and height {h!r:.20}, "
+                                "not positive integers")
+        name = img["file_name"]
+        if not isinstance(name, str) or not name or not layout.inside(root / split / name, root / split):
+            raise PipelineError(f"{field}: {path}: image {img['id']} has file_name {name!r:.80}, not a file "
+                                f"under {root / split}")
         images[img["id"]] = img
     if not images:
         raise PipelineError(f"{field}: {path} lists no images")
@@ -99,12 +152,21 @@ def check_coco_split(root: Path, split: str, field: str, categories: dict[int, s
     if missing:
         raise PipelineError(f"{field}: {len(missing)} of {len(images)} images listed in {path} are missing "
                             f"from {root / split}; first: {missing[0]}")
+    for img in images.values():
+        _check_picture(root / split / img["file_name"], img, verify, f"{field}: {path}")
     skipped: Counter = Counter()
     with_objects: set = set()
     for ann in data["annotations"]:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
-        if ann_id is None:
-            raise PipelineError(f"{field}: {path}: annotation {ann!r:.80} has no id")
+        if not _is_int(ann_id):
+            raise PipelineError(f"{field}: {path}: annotation {ann!r:.80} has no integer id")
+        for key in ("image_id", "category_id"):
+            if not _is_int(ann.get(key)):
+                raise PipelineError(f"{field}: {path}: annotation {ann_id} has {key} {ann.get(key)!r:.40}, "
+                                    "not an integer")
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), bool):
+            raise PipelineError(f"{field}: {path}: annotation {ann_id} has iscrowd {ann.get('iscrowd')!r:.20}, "
+                                "not 0 or 1")
         img = images.get(ann.get("image_id"))
         if img is None:
             raise PipelineError(f"{field}: {path}: annotation {ann_id} refers to image {ann.get('image_id')}, "
@@ -116,8 +178,12 @@ def check_coco_split(root: Path, split: str, field: str, categories: dict[int, s
             skipped["crowd"] += 1
             continue
         box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise PipelineError(f"{field}: {path}: annotation {ann_id} has bbox {box!r}, not [x, y, w, h]")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise PipelineError(f"{field}: {path}: annotation {ann_id} has bbox {box!r:.80}, not [x, y, w, h] "
+                                "of finite numbers")
+        if "area" in ann and not _is_number(ann["area"]):
+            raise PipelineError(f"{field}: {path}: annotation {ann_id} has area {ann['area']!r:.20}, "
+                                "not a finite number")
         x, y, bw, bh = box
         if bw < 1 or bh < 1 or ann.get("area", 1) <= 0:
             skipped["empty"] += 1
@@ -131,17 +197,18 @@ def check_coco_split(root: Path, split: str, field: str, categories: dict[int, s
             continue
         with_objects.add(img["id"])
     instances = len(data["annotations"]) - sum(skipped.values())
-    return {"file": str(path.relative_to(root)), "images": len(images), "instances": instances,
+    return {"file": str(path.relative_to(root)), "sha256": integrity.sha256(path), "images": len(images),
+            "instances": instances,
             "images_without_objects": len(images) - len(with_objects), "skipped": dict(skipped),
             "categories": cats}
 
 
-def check_coco(root: Path, field: str) -> dict:
+def check_coco(root: Path, field: str, verify: str = "decode") -> dict:
     root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"{field}: {root} does not exist or is not a directory")
-    train = check_coco_split(root, COCO_SPLITS[0], field)
-    val = check_coco_split(root, COCO_SPLITS[1], field, train["categories"])
+    train = check_coco_split(root, COCO_SPLITS[0], field, verify=verify)
+    val = check_coco_split(root, COCO_SPLITS[1], field, train["categories"], verify)
     if train["instances"] == 0:
         raise PipelineError(f"{field}: {train['file']} has no usable annotations")
     classes = [train["categories"][k] for k in sorted(train["categories"])]
@@ -167,8 +234,9 @@ def ade_pairs(root: Path, split: str, field: str) -> list[tuple[Path, Path]]:
     return [(images[k], labels[k]) for k in sorted(images)]
 
 
-def check_label_map(image: Path, label: Path, num_classes: int, field: str) -> np.ndarray:
-    """Pixel counts per raw value of one label map; raises on a bad map."""
+def check_label_map(image: Path, label: Path, num_classes: int, field: str, verify: str = "decode") -> np.ndarray:
+    """Pixel counts per raw value of one label map; raises on a bad map or image (checked as `verify` says)."""
+    _check_picture(image, None, verify, field)
     try:
         with Image.open(image) as im:
             size = im.size
@@ -191,7 +259,7 @@ def check_label_map(image: Path, label: Path, num_classes: int, field: str) -> n
     return counts
 
 
-def check_ade(root: Path, num_classes: int, field: str) -> dict:
+def check_ade(root: Path, num_classes: int, field: str, verify: str = "decode") -> dict:
     """Validate both splits; `num_classes` excludes the unlabelled value 0 (reduce-zero-label)."""
     root = Path(root)
     if not root.is_dir():
@@ -199,7 +267,7 @@ def check_ade(root: Path, num_classes: int, field: str) -> dict:
     splits = {}
     for name, split in zip(("train", "val"), ADE_SPLITS):
         pairs = ade_pairs(root, split, field)
-        counts = sum(check_label_map(img, lab, num_classes, field) for img, lab in pairs)
+        counts = sum(check_label_map(img, lab, num_classes, field, verify) for img, lab in pairs)
         splits[name] = {"images": len(pairs), "labelled_pixels": int(counts[1:num_classes + 1].sum()),
                         "unlabelled_pixels": int(counts[0] + counts[IGNORE]),
                         # pixels per class after reduce-zero-label (raw value v is class v - 1)

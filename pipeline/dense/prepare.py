@@ -12,13 +12,13 @@ data set lives, its classes, counts, skips and per-class pixel counts.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
-from .. import layout
 from ..config import Config
+from ..core import integrity, layout
+from ..core.outputs import Outputs
 from ..errors import PipelineError
-from ..tracking import StageRun, write_manifest
+from ..tracking.runs import StageRun
 from . import datasets, scenes
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,10 @@ def check(cfg: Config, root: Path) -> dict:
     found = {}
     det, seg = cfg.detection.data, cfg.segmentation.data
     if det.source == "coco":
-        found["detection"] = datasets.check_coco(_root(det.root, root), "detection.data.root")
+        found["detection"] = datasets.check_coco(_root(det.root, root), "detection.data.root", det.verify)
     if seg.source == "ade20k":
-        found["segmentation"] = datasets.check_ade(_root(seg.root, root), ADE20K_CLASSES, "segmentation.data.root")
+        found["segmentation"] = datasets.check_ade(_root(seg.root, root), ADE20K_CLASSES, "segmentation.data.root",
+                                                   seg.verify)
     return found
 
 
@@ -58,9 +59,8 @@ def _ade20k_meta() -> tuple[list[str], list]:
 def run(cfg: Config, root: Path, found: dict, srun: StageRun) -> None:
     import mlflow
 
-    out = layout.stage_dir(STAGE, root)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    outputs = Outputs.begin(STAGE, root)
+    out = outputs.dir
     det, seg = cfg.detection.data, cfg.segmentation.data
     manifest: dict = {}
     if det.source == "digits" or seg.source == "digits":
@@ -88,6 +88,8 @@ def run(cfg: Config, root: Path, found: dict, srun: StageRun) -> None:
                                     **found["segmentation"]}
     for task in ("detection", "segmentation"):
         entry = manifest[task]
+        if entry["source"] == "digits":  # written here: the fine-tuning stages verify every file
+            entry["sha256"] = integrity.tree_sha256(out / entry["root"])
         for split, numbers in entry["splits"].items():
             mlflow.log_metrics({f"{task}.{split}.{k}": v for k, v in numbers.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -95,7 +97,8 @@ def run(cfg: Config, root: Path, found: dict, srun: StageRun) -> None:
         if skipped:
             log.warning("%s: skipped annotations (mmdet skips them too): %s", task, skipped)
     mlflow.log_dict(manifest, "prepare_dense/manifest.json")
-    write_manifest(STAGE, root, srun, **manifest)
+    outputs.manifest(srun, **manifest)
+    outputs.commit()
 
 
 def load(root: Path, task: str) -> dict:
@@ -108,4 +111,9 @@ def load(root: Path, task: str) -> dict:
     entry = dict(json.loads(path.read_text())[task])
     data_root = Path(entry["root"])
     entry["root"] = str(data_root if data_root.is_absolute() else path.parent / data_root)
+    if Path(entry["root"]).is_dir():  # what prepare_dense recorded: the annotation files, or all it wrote
+        integrity.verify(Path(entry["root"]), entry.get("sha256"), STAGE)
+        for split in entry.get("splits", {}).values():
+            if "file" in split:
+                integrity.verify(Path(entry["root"]) / split["file"], split.get("sha256"), STAGE)
     return entry

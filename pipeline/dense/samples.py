@@ -1,7 +1,8 @@
 """Sample predictions of a fine-tuned model, drawn beside the ground truth.
 
 Uses mmdet's / mmseg's own inference APIs and visualizers on the first `n`
-validation images; the images go to MLflow as the stage's sample artifacts.
+validation images (ground truth left, prediction right), enlarged and captioned
+(`caption`); the images go to MLflow as the stage's sample artifacts.
 """
 from __future__ import annotations
 
@@ -84,10 +85,35 @@ def _segmentation(model, data: dict, n: int, out: Path) -> list[Path]:
     return written
 
 
+#: The visualizers draw the ground truth left of the prediction.
+PANELS = ("ground truth", "prediction")
+
+
+def caption(path: Path, title: str, scale: int = 2) -> None:
+    """Enlarge a side-by-side sample `scale` times and write over each half what it shows."""
+    from PIL import Image, ImageDraw
+
+    img = Image.open(path).convert("RGB")
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    strip = 36
+    out = Image.new("RGB", (img.width, img.height + strip), "white")
+    out.paste(img, (0, strip))
+    draw = ImageDraw.Draw(out)
+    half = img.width // len(PANELS)
+    for i, text in enumerate(PANELS):
+        draw.text((i * half + 6, 3), text, fill="black")
+    draw.text((6, 19), title, fill="dimgray")
+    out.save(path)
+
+
 def draw_samples(task: str, mm: dict, weights: Path, data: dict, n: int, out: Path) -> list[Path]:
     if n == 0:
         return []
     out.mkdir(parents=True, exist_ok=True)
     model = _model(task, mm, weights)
     draw = _detection if task == "detection" else _segmentation
-    return draw(model, data, n, out)
+    written = draw(model, data, n, out)
+    what = "boxes and masks, score >= %.1f" % SCORE_THRESHOLD if task == "detection" else "class per pixel"
+    for path in written:
+        caption(path, f"{path.stem}: {task} ({what})")
+    return written

@@ -1,4 +1,11 @@
-"""Latency backends: time one exported model, and say what ran it or why it could not.
+"""Latency backends: time one model, and say what ran it or why it could not.
+
+`BACKENDS` is the one registry, by the name `latency.backends` uses: the latency
+stage, the sweep's latency objective and the benchmarks all time through it. A
+backend gets a `Subject` (the model in the forms a backend may want: the torch
+module, an ONNX file, a Core ML package, made on first use) and a `Context`.
+Adding one: a `Backend` entry here and its name in `pipeline.config.deploy`'s
+`LATENCY_BACKENDS` (the schema sits below this layer; a test keeps the two in step).
 
 - `torch`: the deploy-form network (fused, eval) on the CPU, or CUDA when present.
 - `onnxruntime`: the `.onnx` file, CPU execution provider.
@@ -24,9 +31,9 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
@@ -71,6 +78,15 @@ def cpu_name() -> str:
 def host() -> dict:
     return {"os": platform.platform(), "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
             "python": platform.python_version()}
+
+
+def host_label(ran_on: dict) -> str:
+    """What timed a latency figure, in a table cell: `Intel Xeon ..., 2 threads` or `iPhone 13, Core ML ALL`."""
+    device = str(ran_on.get("device", "unknown device")).removeprefix("CPU: ")
+    if "compute_units" in ran_on:
+        return f"{device}, Core ML {ran_on['compute_units']}"
+    threads = ran_on.get("threads")
+    return device if threads is None else f"{device}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 # -- torch and ONNX Runtime ------------------------------------------------------
@@ -235,3 +251,59 @@ def run_coreml(package: Path, runs: int, warmup: int, compute_units: str, api: A
         ran.update(device=f"{device.name} ({device.udid})", os=f"iOS {device.os_version} ({device.os_build_number})",
                    host=f"macOS {platform.mac_ver()[0]}")
     return samples, ran
+
+
+# -- the registry ------------------------------------------------------------------------
+class Subject(Protocol):
+    """One model to time, batch 1 at `size` x `size`, in whichever form a backend asks for."""
+
+    size: int
+
+    def torch_module(self): ...  # the deploy-form network, eval
+
+    def onnx_file(self) -> Path: ...
+
+    def coreml_package(self, into: Path) -> Path: ...  # an unpacked `.mlpackage`
+
+
+@dataclass
+class Context:
+    """What a backend may use besides the model: scratch space, the Apple API, the environment."""
+
+    workdir: Path
+    apple: AppleAPI = field(default_factory=AppleAPI)
+    env: dict = field(default_factory=lambda: dict(os.environ))
+    device: Any = None  # what `Backend.open` prepared (the iPhone running the model-runner app)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How one backend times a `Subject` with the `latency` section's runs, warm-up, threads and units."""
+
+    time: Callable[[Subject, Any, Context], tuple[list[float], dict]]
+    macos: bool = False  # needs a macOS host with Core ML
+    open: Callable[[Any, Context], Any] = lambda lat, ctx: None  # once before its models; kept in ctx.device
+    short: str = ""  # its column header in `python -m pipeline.exps` (default: its name)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend(lambda s, lat, ctx: run_torch(s.torch_module(), s.size, lat.runs, lat.warmup, lat.threads)),
+    "onnxruntime": Backend(lambda s, lat, ctx: run_onnxruntime(s.onnx_file(), s.size, lat.runs, lat.warmup,
+                                                               lat.threads), short="ort"),
+    "mac": Backend(lambda s, lat, ctx: run_coreml(s.coreml_package(ctx.workdir / "mac"), lat.runs, lat.warmup,
+                                                  lat.compute_units, ctx.apple), macos=True),
+    "iphone": Backend(lambda s, lat, ctx: run_coreml(s.coreml_package(ctx.workdir / "iphone"), lat.runs, lat.warmup,
+                                                     lat.compute_units, ctx.apple, ctx.device), macos=True,
+                      open=lambda lat, ctx: connect_iphone(lat.device, ctx.env, ctx.workdir / "iphone", ctx.apple)),
+}
+
+
+def measure(name: str, subjects: dict[str, Subject], lat, ctx: Context) -> tuple[dict[str, dict], dict]:
+    """({model: summary + samples}, what ran them) for each of `subjects` on backend `name`; raises Skipped."""
+    backend = BACKENDS[name]
+    ctx.device = backend.open(lat, ctx)
+    results, ran = {}, {}
+    for model, subject in subjects.items():
+        samples, ran = backend.time(subject, lat, ctx)
+        results[model] = {**summary(samples), "samples": samples}
+    return results, ran

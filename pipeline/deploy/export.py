@@ -11,9 +11,10 @@ exported from one `torch.export` program of its deploy form
 - `<name>.onnx`: checked against torch with ONNX Runtime in FP32.
 
 `census.json` holds the op census of every ML Program and, on macOS, its
-compute-plan summary; `metrics/export.json` the headline census figures and
-ONNX differences. Everything is written to `artifacts/export.tmp` and moved to
-`artifacts/export` when complete; the manifest comes last.
+compute-plan summary; `metrics/export.json` the headline census figures
+(`ops_without_const` first, `ops_total` beside it: see `census`) and ONNX
+differences. Everything is written aside and moved in place when complete
+(`pipeline.core.outputs`); the manifest comes last.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, console, layout
+from ..classify.datasets import Prepared
 from ..config import Config
-from ..data import Prepared
+from ..core import checkpoint, console, integrity, layout
+from ..core.outputs import Outputs
 from ..errors import PipelineError
-from ..tracking import StageRun, write_manifest
+from ..tracking.runs import StageRun
 from . import census, compute_plan, coreml, onnx
 
 log = logging.getLogger(__name__)
@@ -67,22 +69,21 @@ def check(cfg: Config, root: Path) -> Inputs:
     import onnx as onnx_lib
 
     prepared = Prepared.load(layout.stage_dir("prepare", root))
-    path = layout.stage_dir("pretrain", root) / "model.pt"
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing; run the pretrain stage first (dvc repro pretrain)")
-    weights = checkpoint.load_weights(path, "pretrain weights", expect_variant=cfg.model.variant)
-    if weights["num_classes"] != prepared.num_classes or weights["classes"] != prepared.classes:
-        raise PipelineError(f"{path}: holds {weights['num_classes']} classes, but {prepared.dir} lists "
-                            f"{prepared.num_classes} (or other names); rerun pretrain")
+    path, weights = checkpoint.pretrain_weights(root, cfg.model.variant, prepared.classes)
+    log.info("%s weights: %s", weights["variant"], checkpoint.describe_source(weights.get("source")))
     newest = onnx_lib.defs.onnx_opset_version()
     if cfg.export.onnx.opset > newest:
         raise PipelineError(f"export.onnx.opset: {cfg.export.onnx.opset} is newer than this onnx package knows ({newest})")
     return Inputs(weights, path, prepared.classes, targets(cfg, int(weights["image_size"])))
 
 
+#: The backbone's window attention settings (IFormerBackbone's arguments), recorded per exported backbone.
+WINDOW_KEYS = ("window_size", "window_chunks", "window_layout", "window_padding")
+
+
 def window(cfg: Config) -> dict:
     """The backbone's window attention: as the detector fine-tunes and deploys it."""
-    return {"window_size": cfg.detection.backbone.window_size, "window_chunks": cfg.detection.backbone.window_chunks}
+    return {k: getattr(cfg.detection.backbone, k) for k in WINDOW_KEYS}
 
 
 def deploy_module(target: Target, weights: dict, cfg: Config) -> torch.nn.Module:
@@ -90,7 +91,8 @@ def deploy_module(target: Target, weights: dict, cfg: Config) -> torch.nn.Module
     from iformer.export import deploy_form, dense_backbone
 
     if target.kind == "backbone":
-        return dense_backbone(weights["variant"], weights["state_dict"], **window(cfg))
+        return dense_backbone(weights["variant"], weights["state_dict"], checkpoint.layer_scale_of(weights),
+                              **window(cfg))
     return deploy_form(checkpoint.build_from_weights(weights))
 
 
@@ -133,8 +135,7 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
                                          ecfg.coreml, labels)
     interface = coreml.check_interface(package, expected)
     reason = coreml.predict_unavailable()
-    if reason:
-        log.info("%s: Core ML predict check skipped: %s", target.name, reason)
+    if reason:  # said once for all models (export_all)
         predict = {"skipped": reason}
     else:
         predict = coreml.check_predictions(package, cm_module, target.size, ecfg.coreml, labels)
@@ -142,9 +143,10 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
     plan = compute_plan.plan_for(package)
     zipped = coreml.zip_package(package)
     seconds = time.perf_counter() - start
-    log.info("%s: %d MIL ops (%d reshape+transpose), %.1f MB weights; ONNX %s opset %d, max diff %.1e; %.1f s",
-             target.name, ops["ops"], ops["reshape_transpose"], ops["weight_bytes"] / 1e6, onnx_info["exporter"],
-             onnx_info["opset"], max(onnx_diff.values()), seconds)
+    log.info("%s: %d MIL ops without const (%d with), %d reshape+transpose, %.1f MB weights; ONNX %s opset %d, "
+             "max diff %.1e; %.1f s", target.name, ops["ops_without_const"], ops["ops_total"],
+             ops["reshape_transpose"], ops["weight_bytes"] / 1e6, onnx_info["exporter"], onnx_info["opset"],
+             max(onnx_diff.values()), seconds)
     return {
         "kind": target.kind, "size": target.size, "seconds": seconds,
         "coreml": zipped.name, "onnx": f"{target.name}.onnx",
@@ -157,24 +159,40 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
 def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict:
     """Every target into `out`; a failure inside a library is one error line, its output kept."""
     models = {}
+    reason = coreml.predict_unavailable()
+    if reason:
+        log.info("Core ML predict check skipped for the %d models: %s", len(inputs.targets), reason)
     for t in inputs.targets:
         try:
             models[t.name] = export_one(t, inputs, cfg, out, out / "convert.log")
         except PipelineError:
             raise
         except Exception as err:  # a network coremltools or the exporter cannot take: keep what they said
-            if (out / "convert.log").exists():
-                shutil.copy(out / "convert.log", failed_log)
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise PipelineError(f"{t.name}: export failed: {type(err).__name__}: {first} "
-                                f"(library output: {failed_log})") from None
+                                f"({keep_log(out / 'convert.log', failed_log)})") from None
     return models
+
+
+def keep_log(log_file: Path, kept: Path) -> str:
+    """Copy the libraries' output beside the outputs; says where it is, or why it could not be kept.
+
+    A full disk (the likely cause of the failure itself) must not hide the original error.
+    """
+    if not log_file.exists():
+        return "no library output"
+    try:
+        shutil.copy(log_file, kept)
+    except OSError as err:
+        kept.unlink(missing_ok=True)  # no 0-byte or half copy passing for the log
+        return f"library output not kept: {err.strerror or type(err).__name__} writing {kept}"
+    return f"library output: {kept}"
 
 
 def attach_to_registry(cfg: Config, root: Path, srun: StageRun, models: dict) -> None:
     """Tag the registered version of the weights converted here with the Core ML / ONNX files."""
-    from .. import registry
-    from ..tracking import read_stage_manifest
+    from ..tracking import registry
+    from ..core.outputs import read_stage_manifest
 
     trained_by = (read_stage_manifest("pretrain", root) or {}).get("mlflow_run_id")
     if not trained_by:  # weights put in place by hand: no registered version to attach to
@@ -188,28 +206,18 @@ def attach_to_registry(cfg: Config, root: Path, srun: StageRun, models: dict) ->
 def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     import mlflow
 
-    final = layout.stage_dir(STAGE, root)
-    tmp = final.with_name(final.name + ".tmp")
-    failed_log = final.with_name(final.name + ".failed.log")
-    mpath = layout.metrics_path(STAGE, root)
-    shutil.rmtree(tmp, ignore_errors=True)
+    outputs = Outputs.begin(STAGE, root)
+    out = outputs.dir
+    failed_log = outputs.final.with_name(outputs.final.name + ".failed.log")
     failed_log.unlink(missing_ok=True)
-    tmp.mkdir(parents=True)
-    try:
-        models = export_all(cfg, inputs, tmp, failed_log)
-        (tmp / "census.json").write_text(json.dumps(
-            {n: {"census": m["census"], "compute_plan": m["compute_plan"]} for n, m in models.items()}, indent=2) + "\n")
-        metrics = {n: {**census.headline(m["census"]), "onnx_max_abs_diff": max(m["onnx_max_abs_diff"].values())}
-                   for n, m in models.items()}
-        mpath.parent.mkdir(parents=True, exist_ok=True)
-        mtmp = mpath.with_suffix(".json.tmp")
-        mtmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        mtmp.replace(mpath)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    models = export_all(cfg, inputs, out, failed_log)
+    for m in models.values():  # what the latency stage verifies before it times them
+        m.update({f"{key}_sha256": integrity.sha256(out / m[key]) for key in ("onnx", "coreml")})
+    (out / "census.json").write_text(json.dumps(
+        {n: {"census": m["census"], "compute_plan": m["compute_plan"]} for n, m in models.items()}, indent=2) + "\n")
+    metrics = {n: {**census.headline(m["census"]), "onnx_max_abs_diff": max(m["onnx_max_abs_diff"].values())}
+               for n, m in models.items()}
+    mpath = outputs.metrics(metrics)
 
     flat = {f"census.{n}.{k}": v for n, m in metrics.items() for k, v in m.items() if k != "onnx_max_abs_diff"}
     flat.update({f"onnx_max_abs_diff.{n}": m["onnx_max_abs_diff"] for n, m in metrics.items()})
@@ -218,14 +226,15 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         if "skipped" not in m["compute_plan"]:
             flat.update({f"compute_plan.{n}.{k}_cost_share": v for k, v in m["compute_plan"]["cost_share"].items()})
     mlflow.log_metrics(flat)
-    srun.log_headline({f"census.{n}.ops": m["ops"] for n, m in metrics.items()})
-    mlflow.log_artifacts(str(final), "export")
-    mlflow.log_artifact(str(mpath), "metrics")
+    srun.log_headline({f"census.{n}.{k}": m[k] for n, m in metrics.items() for k in census.COUNTS})
+    mlflow.log_artifacts(str(out), "export")
+    mlflow.log_text(mpath.read_text(), f"metrics/{STAGE}.json")
     attach_to_registry(cfg, root, srun, models)
     ecfg = cfg.export
-    write_manifest(STAGE, root, srun, models=models, variant=inputs.weights["variant"],
-                   weights_sha256=checkpoint.sha256(inputs.weights_path),
-                   coreml={"target": ecfg.coreml.target, "precision": ecfg.coreml.precision,
-                           "input": ecfg.coreml.input, "class_labels": ecfg.coreml.class_labels},
-                   onnx={"opset": ecfg.onnx.opset, "tolerance": ecfg.onnx.tolerance})
-    log.info("%d models (%s) as Core ML and ONNX -> %s", len(models), ", ".join(models), final)
+    outputs.manifest(srun, models=models, variant=inputs.weights["variant"],
+                     weights_sha256=checkpoint.sha256(inputs.weights_path),
+                     coreml={"target": ecfg.coreml.target, "precision": ecfg.coreml.precision,
+                             "input": ecfg.coreml.input, "class_labels": ecfg.coreml.class_labels},
+                     onnx={"opset": ecfg.onnx.opset, "tolerance": ecfg.onnx.tolerance})
+    outputs.commit()
+    log.info("%d models (%s) as Core ML and ONNX -> %s", len(models), ", ".join(models), outputs.final)

@@ -21,16 +21,18 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import checkpoint, layout
 from ..config import Config
+from ..core import checkpoint, integrity, layout
+from ..core.outputs import Outputs
+from ..core.outputs import read_stage_manifest
 from ..errors import PipelineError
-from ..tracking import StageRun, read_stage_manifest, write_manifest
+from ..tracking.runs import StageRun
 from . import backends
 from .backends import AppleAPI, Skipped
+from .export import WINDOW_KEYS
 
 log = logging.getLogger(__name__)
 STAGE = "latency"
-APPLE = ("iphone", "mac")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Inputs:
 
 def check(cfg: Config, root: Path) -> Inputs:
     lat = cfg.latency
+    check_threads(lat.threads)
     export_dir = layout.stage_dir("export", root)
     manifest = read_stage_manifest("export", root)
     if manifest is None:
@@ -56,12 +59,16 @@ def check(cfg: Config, root: Path) -> Inputs:
         for key in ("onnx", "coreml"):
             if not (export_dir / exported[name][key]).is_file():
                 raise PipelineError(f"{export_dir / exported[name][key]}: missing; rerun the export stage")
-    path = layout.stage_dir("pretrain", root) / "model.pt"
-    weights = checkpoint.load_weights(path, "pretrain weights", expect_variant=cfg.model.variant)
+            integrity.verify(export_dir / exported[name][key], exported[name].get(f"{key}_sha256"), "export")
+        if exported[name]["kind"] == "backbone" and any(k not in exported[name] for k in WINDOW_KEYS):
+            raise PipelineError(f"{layout.manifest_path('export', root)}: {name} does not record its window "
+                                "attention (an older export); rerun the export stage")
+    path, weights = checkpoint.pretrain_weights(root, cfg.model.variant)
     if checkpoint.sha256(path) != manifest.get("weights_sha256"):
         raise PipelineError(f"{path}: not the weights {export_dir} was exported from; rerun the export stage")
+    log.info("%s weights: %s", weights["variant"], checkpoint.describe_source(weights.get("source")))
     for backend in lat.require:
-        if backend in APPLE and sys.platform != "darwin":
+        if backends.BACKENDS[backend].macos and sys.platform != "darwin":
             raise PipelineError(f"latency.require: {backend} needs a macOS host (Xcode and a paired iPhone for "
                                 f"iphone); this host runs {platform.system()}")
     if "iphone" in lat.require:
@@ -72,40 +79,57 @@ def check(cfg: Config, root: Path) -> Inputs:
     return Inputs(export_dir, {m: exported[m] for m in lat.models}, weights)
 
 
+def check_threads(threads: int) -> None:
+    """`latency.threads` must not exceed this machine's CPUs (more only makes the threads wait on each other)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads > cpus:
+        raise PipelineError(f"latency.threads: {threads} is more than the {cpus} CPUs this machine gives the stage")
+
+
 def _torch_module(entry: dict, weights: dict):
     """The exported network rebuilt in torch, with the window attention it was exported with."""
     from iformer.export import deploy_form, dense_backbone
 
     if entry["kind"] == "backbone":
-        return dense_backbone(weights["variant"], weights["state_dict"], entry["window_size"], entry["window_chunks"])
+        return dense_backbone(weights["variant"], weights["state_dict"], checkpoint.layer_scale_of(weights),
+                              **{k: entry[k] for k in WINDOW_KEYS})
     return deploy_form(checkpoint.build_from_weights(weights))
+
+
+@dataclass
+class Exported:
+    """One exported model as the backends time it (a `backends.Subject`)."""
+
+    entry: dict  # its entry in the export manifest
+    export_dir: Path
+    weights: dict
+
+    @property
+    def size(self) -> int:
+        return self.entry["size"]
+
+    def torch_module(self):
+        return _torch_module(self.entry, self.weights)
+
+    def onnx_file(self) -> Path:
+        return self.export_dir / self.entry["onnx"]
+
+    def coreml_package(self, into: Path) -> Path:
+        from .coreml import unzip_package
+
+        return unzip_package(self.export_dir / self.entry["coreml"], into)
 
 
 def measure_backend(backend: str, cfg: Config, inputs: Inputs, workdir: Path) -> dict:
     """{"ran_on": ..., "models": {name: stats + samples}} for one backend; raises Skipped."""
     lat = cfg.latency
-    results, ran = {}, {}
-    device = None
-    if backend == "iphone":
-        device = backends.connect_iphone(lat.device, inputs.env, workdir / "iphone", inputs.apple)
-    for name, entry in inputs.models.items():
-        size = entry["size"]
-        if backend == "torch":
-            samples, ran = backends.run_torch(_torch_module(entry, inputs.weights), size, lat.runs, lat.warmup,
-                                              lat.threads)
-        elif backend == "onnxruntime":
-            samples, ran = backends.run_onnxruntime(inputs.export_dir / entry["onnx"], size, lat.runs, lat.warmup,
-                                                    lat.threads)
-        else:
-            from .coreml import unzip_package
-
-            package = unzip_package(inputs.export_dir / entry["coreml"], workdir / backend)
-            samples, ran = backends.run_coreml(package, lat.runs, lat.warmup, lat.compute_units, inputs.apple,
-                                               device)
-        results[name] = {**backends.summary(samples), "samples": samples}
-        log.info("%s %s: median %.2f ms (p90 %.2f) over %d runs", backend, name, results[name]["median"],
-                 results[name]["p90"], lat.runs)
-    return {"ran_on": {**ran, "host": backends.host()}, "warmup": lat.warmup, "models": results}
+    subjects = {name: Exported(entry, inputs.export_dir, inputs.weights) for name, entry in inputs.models.items()}
+    results, ran = backends.measure(backend, subjects, lat, backends.Context(workdir, inputs.apple, inputs.env))
+    for name, r in results.items():
+        log.info("%s %s: median %.2f ms (p90 %.2f) over %d runs", backend, name, r["median"], r["p90"], lat.runs)
+    # `label`: what timed these figures in one line (CPU model and threads), as the report's tables show it.
+    return {"ran_on": {**ran, "host": backends.host(), "label": backends.host_label(ran)}, "warmup": lat.warmup,
+            "models": results}
 
 
 def measure(cfg: Config, inputs: Inputs) -> dict:
@@ -135,26 +159,22 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     table = {b: ({"skipped": r["skipped"]} if "skipped" in r else
                  {m: {k: v for k, v in s.items() if k != "samples"} for m, s in r["models"].items()})
              for b, r in results.items()}
-    out = layout.stage_dir(STAGE, root)
-    out.mkdir(parents=True, exist_ok=True)
-    full = out / "latency.json"
-    tmp = full.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(full)
-    mpath = layout.metrics_path(STAGE, root)
-    mpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp = mpath.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=2) + "\n")
-    tmp.replace(mpath)
+    outputs = Outputs.begin(STAGE, root)
+    full = outputs.dir / "latency.json"
+    full.write_text(json.dumps(results, indent=2) + "\n")
+    mpath = outputs.metrics(table)
 
     metrics = headline(results)
     if metrics:
         mlflow.log_metrics(metrics)
-        srun.log_headline(metrics)
+        # Each latency figure names what timed it: the report's tables show it beside the figure.
+        srun.log_headline(metrics, {f"latency_host.{b}": r["ran_on"]["label"] for b, r in results.items()
+                                    if "ran_on" in r})
     mlflow.set_tags({f"latency.skipped.{b}": r["skipped"][:5000] for b, r in results.items() if "skipped" in r})
-    mlflow.log_artifact(str(mpath), "metrics")
+    mlflow.log_text(mpath.read_text(), f"metrics/{STAGE}.json")
     mlflow.log_artifact(str(full), "latency")
-    write_manifest(STAGE, root, srun, models=list(inputs.models), runs=cfg.latency.runs, warmup=cfg.latency.warmup,
-                   ran_on={b: r["ran_on"] for b, r in results.items() if "ran_on" in r},
-                   skipped={b: r["skipped"] for b, r in results.items() if "skipped" in r})
+    outputs.manifest(srun, models=list(inputs.models), runs=cfg.latency.runs, warmup=cfg.latency.warmup,
+                     ran_on={b: r["ran_on"] for b, r in results.items() if "ran_on" in r},
+                     skipped={b: r["skipped"] for b, r in results.items() if "skipped" in r})
+    outputs.commit()
     log.info("measured: %s", ", ".join(f"{k.removeprefix('latency_ms.')} {v:.2f} ms" for k, v in metrics.items()))

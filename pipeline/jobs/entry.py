@@ -10,7 +10,7 @@ on to the command.
   `results_files`) is logged to that run, or to a run of its own tagged the same
   way when every stage was cached.
 - An experiment (`--experiment NAME --exp-ref REF --git-remote URL [--stash REV]
-  [--dvc-remote R] -- dvc exp run -n NAME ...`, from `pipeline.jobs.experiments`):
+  [--dvc-remote R] -- dvc exp run -n NAME ...`, from `pipeline.jobs.batch`):
   the command runs in a private copy of the working dir (jobs of one upload
   share Ray's unpacked copy on a node), after the queued entry's stash is
   applied there as DVC's queue would; on success the experiment is `dvc exp
@@ -30,6 +30,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..core import console
+
 #: The archive's path among the run's MLflow artifacts.
 RESULTS = "workspace/results.tar.gz"
 #: What comes back into the user's workspace (files larger than the limit stay in DVC's cache).
@@ -47,14 +49,14 @@ def results_files(root: Path, max_mb: float = MAX_FILE_MB) -> list[Path]:
 
 def job_run(client, experiment: str, key: str, name: str = "") -> str:
     """The pipeline's MLflow parent run of this job, else a new (FINISHED) one tagged as its."""
-    from .. import tracking
+    from ..tracking import runs
 
-    exp_id = tracking.experiment_id(client, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_INVOCATION}` = '{key}'", max_results=1)
+    exp_id = runs.experiment_id(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{runs.TAG_INVOCATION}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=name or f"job {key}",
-                            tags={tracking.TAG_KIND: "job", tracking.TAG_INVOCATION: key})
+                            tags={runs.TAG_KIND: "job", runs.TAG_INVOCATION: key})
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -63,7 +65,7 @@ def upload_results(root: Path, key: str) -> int:
     from mlflow.tracking import MlflowClient
 
     from ..config import load_config
-    from ..tracking import tracking_uri
+    from ..tracking.runs import tracking_uri
 
     cfg = load_config(root / "params.yaml")
     client = MlflowClient(tracking_uri(cfg, root))
@@ -104,7 +106,8 @@ class Child:
 
 
 def say(message: str) -> None:
-    print(f"[submit] {message}", flush=True)
+    """A `[submit]` line in the job's log (its stdout)."""
+    console.say("submit", message, file=sys.stdout)
 
 
 def private_copy(src: Path, name: str) -> Path:
@@ -125,7 +128,7 @@ def tag_parent(root: Path, key: str, name: str, ref: str, rev: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from ..config import load_config
-    from ..tracking import tracking_uri
+    from ..tracking.runs import tracking_uri
 
     cfg = load_config(root / "params.yaml")
     client = MlflowClient(tracking_uri(cfg, root))

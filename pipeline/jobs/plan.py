@@ -1,7 +1,7 @@
 """Which experiments `pipeline.submit --exp/--queue` runs, checked before any is submitted.
 
 An `Experiment` is a DVC experiment name plus either `-S` overrides (from
-`--exp [NAME:]K=V[,K=V...]`) or a queued entry's stash commit (`--queue`).
+`--exp [NAME] -S K=V [-S K=V ...]`) or a queued entry's stash commit (`--queue`).
 `plan` reads them, names the unnamed ones with DVC's generator, and checks
 everything it can here: the overrides applied to params.yaml the way DVC
 applies them (Hydra) and validated against the schema, names unique and
@@ -65,38 +65,18 @@ def dvc(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-def split_overrides(text: str) -> list[str]:
-    """`a=1,b=[2,3]` -> [`a=1`, `b=[2,3]`]: commas inside brackets or quotes stay."""
-    parts, cur, depth, quote = [], "", 0, ""
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-            continue
-        cur += ch
-    return [p for p in (*parts, cur.strip()) if p]
-
-
-def parse_exp(spec: str, index: int) -> Experiment:
-    head, sep, rest = spec.partition(":")
-    name = head.strip() if sep and "=" not in head else ""
-    overrides = split_overrides(rest if name else spec)
+def parse_exp(name: str | None, overrides: list[str], index: int) -> Experiment:
+    """One `--exp [NAME] -S K=V [-S K=V ...]` group, checked: a usable name, overrides DVC's `-S` takes."""
+    name = (name or "").strip()
     where = f"--exp {index}" + (f" ({name})" if name else "")
     if name and not NAME.fullmatch(name):
-        raise PipelineError(f"{where}: {name!r} is not an experiment name (letters, digits, - and _)")
+        hint = "; overrides go in -S K=V after it" if "=" in name else ""
+        raise PipelineError(f"{where}: {name!r} is not an experiment name (letters, digits, - and _){hint}")
     bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
     if not overrides or bad:
-        raise PipelineError(f"{where}: {bad[0] if bad else spec!r} is not KEY=VALUE (one --exp per experiment; "
-                            "several overrides: K=V,K=V)")
-    return Experiment(name, overrides, index=index)
+        raise PipelineError(f"{where}: {bad[0]!r} is not KEY=VALUE" if bad else
+                            f"{where}: no -S KEY=VALUE after it (`--exp NAME -S K=V -S K=V` per experiment)")
+    return Experiment(name, list(overrides), index=index)
 
 
 def params_of(root: Path, exp: Experiment) -> Config:
@@ -125,6 +105,28 @@ def params_of(root: Path, exp: Experiment) -> Config:
         raise PipelineError("; ".join(str(err).splitlines())) from None
 
 
+def credential_in(url: str) -> str | None:
+    """What credential a remote URL carries (None: none): a password, a token as user name, or one in the query.
+
+    Only an SSH URL may name a user (`ssh://git@host/x.git`): its key lives on the node, not in the URL.
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "://" not in url:
+        return None  # a path or scp-like user@host:path (SSH)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.password is not None or ":" in parts.netloc.rpartition("@")[0]:
+        return "a password"
+    if "@" in parts.netloc and not parts.scheme.lower().endswith("ssh"):
+        return "a user name or token"
+    if any(re.search(r"token|key|pass|secret|auth|sig", k, re.I) for k, _ in parse_qsl(parts.query)):
+        return "a token in its query"
+    return None
+
+
 def remote_url(root: Path, arg: str | None) -> str:
     value = arg or os.environ.get("IFORMER_GIT_REMOTE", "")
     field = "--git-remote / IFORMER_GIT_REMOTE"
@@ -133,8 +135,10 @@ def remote_url(root: Path, arg: str | None) -> str:
                             "(e.g. a bare repository: git init --bare /shared/exps.git)")
     named = git(root, "remote", "get-url", value, check=False)
     url = named.stdout.strip() if named.returncode == 0 else value
-    if re.match(r"\w+://[^/@]*:[^/@]*@", url):  # the URL goes into the jobs' command lines and our output
-        raise PipelineError(f"{field}: has a password in it; give the nodes SSH keys or a git credential helper")
+    credential = credential_in(url)
+    if credential:  # the URL goes into the jobs' command lines and our output: never echoed
+        raise PipelineError(f"{field}: has {credential} in it; give the nodes SSH keys or a git credential "
+                            "helper (the URL is not shown)")
     if "://" not in url and not re.match(r"[\w.-]+@[\w.-]+:", url):  # a path, not a URL or user@host:path
         url = str((root / url).resolve())
     probe = git(root, "ls-remote", url, "refs/exps/*", check=False, timeout=60)
@@ -155,15 +159,18 @@ def identity(root: Path) -> dict:
     return env
 
 
-def plan(root: Path, specs: list[str], queue: bool, remote: str) -> tuple[str, list[Experiment]]:
-    """The experiments to submit on HEAD (the baseline), checked; names given where missing."""
+def plan(root: Path, specs: list[tuple[str | None, list[str]]], queue: bool,
+         remote: str) -> tuple[str, list[Experiment]]:
+    """The experiments to submit on HEAD (the baseline), checked; names given where missing.
+
+    `specs`: one (NAME or None, its `-S` overrides) per `--exp`."""
     from dvc.repo import Repo
     from dvc.repo.experiments.utils import get_random_exp_name
 
     if not (root / ".git").is_dir():
         raise PipelineError(f"{root}: not the main checkout of a git repository (the jobs need its .git)")
     baseline = git(root, "rev-parse", "HEAD").stdout.strip()
-    exps = [parse_exp(spec, i) for i, spec in enumerate(specs, 1)]
+    exps = [parse_exp(name, sets, i) for i, (name, sets) in enumerate(specs, 1)]
     with Repo(str(root)) as repo:
         if queue:
             for entry in repo.experiments.celery_queue.iter_queued():

@@ -1,13 +1,14 @@
 """Sections across runs: this run's identity, Table 3 / Table 5-style tables, op census per run.
 
-Our rows come from the MLflow parent runs (`runs.row`), the paper's from
-`iformer.reference`; all accuracies in percent, latencies in ms.
+Our rows come from the MLflow parent runs (`history.row`), each latency beside the
+host that timed it; the paper's (`iformer.reference`) stand in their own reference
+table, so no column mixes datasets or devices. Accuracies in percent, latencies in ms.
 """
 from __future__ import annotations
 
 from iformer.reference import reference_for
 
-from .runs import backbone_latency, backends, classifier_latency
+from .history import backbone_latency, backends, classifier_latency
 
 
 def _f(v, digits: int = 2) -> str:
@@ -41,61 +42,80 @@ def head_note(variant: str, params_m: float | None, num_classes: int) -> str | N
             f"the same network with ImageNet's 1000-class head has {full:.2f} M.")
 
 
+def _host(r: dict, backend: str) -> str:
+    return r.get("latency_host", {}).get(backend) or ("not recorded" if backend in r["latency_ms"] else "–")
+
+
 def classification_table(rows: list[dict], current: str) -> list[str]:
-    """Table 3 style: every run beside the paper's iFormer rows."""
+    """Table 3 style, our runs only: each latency column is one backend, beside the host that timed it."""
     bk = backends(rows)
-    cells = ["run", "experiment", "params changed", "Params (M)", "GMACs @224",
-             *(f"latency {b} (ms)" for b in bk), "Top-1 (%)", "Top-5 (%)"]
-    lines = ["", "## All runs: classification (Table 3 style)", "", _row(cells), "|" + "---|" * len(cells)]
+    cells = ["run", "experiment", "params changed", "data", "Params (M)", "GMACs @224",
+             *(c for b in bk for c in (f"latency {b} (ms)", f"{b} host")), "Top-1 (%)", "Top-5 (%)"]
+    lines = ["", "## Our runs: classification (Table 3 style)", "",
+             "Measured here; the paper's figures are in *Paper reference* below, not in these columns.", "",
+             _row(cells), "|" + "---|" * len(cells)]
     for r in rows:
         mark = " (this run)" if r["run_id"] == current else ""
-        lines.append(_row([f"{r['name']}{mark}", r["experiment"], r["params_changed"] or "–", _f(r["params_m"]),
-                           _f(r["gmacs_224"]), *(_f(classifier_latency(r, b)) for b in bk), _f(r["top1"]),
-                           _f(r["top5"])]))
-    for variant in sorted({r["variant"] for r in rows if r["variant"]}):
-        ref = reference_for(variant)
-        if ref:
-            lines.append(_row([f"paper {variant} (ImageNet-1K; latency iPhone 13 {_f(ref.latency_ms)} ms)", "–", "–",
-                               _f(ref.params_m), _f(ref.gmacs), *("–" for _ in bk), _f(ref.top1), "–"]))
+        lines.append(_row([f"{r['name']}{mark}", r["experiment"], r["params_changed"] or "–", r.get("data") or "–",
+                           _f(r["params_m"]), _f(r["gmacs_224"]),
+                           *(c for b in bk for c in (_f(classifier_latency(r, b)), _host(r, b))),
+                           _f(r["top1"]), _f(r["top5"])]))
     return lines
 
 
 def dense_table(rows: list[dict]) -> list[str]:
-    """Table 5 style: AP box / mask, mIoU and the backbone's latency, for runs that fine-tuned."""
+    """Table 5 style, our runs only: AP box / mask, mIoU and the backbone's latency with its host."""
     dense = [r for r in rows if r["ap_box"] is not None or r["miou"] is not None]
     if not dense:
         return []
     bk = backends(rows)
-    cells = ["run", "AP box (%)", "AP mask (%)", "mIoU (%)", *(f"backbone latency {b} (ms)" for b in bk)]
-    lines = ["", "## All runs: dense prediction (Table 5 style)", "", _row(cells), "|" + "---|" * len(cells)]
+    cells = ["run", "AP box (%)", "AP mask (%)", "mIoU (%)",
+             *(c for b in bk for c in (f"backbone latency {b} (ms)", f"{b} host"))]
+    lines = ["", "## Our runs: dense prediction (Table 5 style)", "", _row(cells), "|" + "---|" * len(cells)]
     for r in dense:
         lines.append(_row([r["name"], _f(r["ap_box"]), _f(r["ap_mask"]), _f(r["miou"]),
-                           *(_f(backbone_latency(r, b)) for b in bk)]))
-    for variant in sorted({r["variant"] for r in dense}):
-        ref = reference_for(variant)
-        if ref and ref.ap_box is not None:
-            lines.append(_row([f"paper {variant} (COCO 1x / ADE20K; backbone @512 on iPhone 13 "
-                               f"{_f(ref.dense_latency_ms)} ms)", _f(ref.ap_box), _f(ref.ap_mask), _f(ref.miou),
-                               *("–" for _ in bk)]))
+                           *(c for b in bk for c in (_f(backbone_latency(r, b)), _host(r, b)))]))
+    return lines
+
+
+def paper_table(variants) -> list[str]:
+    """The paper's rows for `variants`, as reference: ImageNet-1K, COCO, ADE20K; latency on iPhone 13."""
+    refs = [ref for ref in map(reference_for, sorted(set(variants))) if ref]
+    if not refs:
+        return []
+    cells = ["variant", "Params (M)", "GMACs @224", "iPhone 13 latency @224 (ms)", "ImageNet-1K top-1 (%)",
+             "with distillation (%)", "COCO AP box (%)", "COCO AP mask (%)", "ADE20K mIoU (%)",
+             "iPhone 13 backbone @512 (ms)"]
+    lines = ["", "## Paper reference (not measured here)", "",
+             "The iFormer paper's Tables 3, 5 and 12: ImageNet-1K, COCO 2017 (Mask R-CNN 1x), ADE20K (Semantic FPN), "
+             "latency on an iPhone 13 with Core ML. Reference figures only: other data and another device than our "
+             "runs above.", "", _row(cells), "|" + "---|" * len(cells)]
+    for ref in refs:
+        lines.append(_row([f"paper {ref.variant}", _f(ref.params_m), _f(ref.gmacs), _f(ref.latency_ms), _f(ref.top1),
+                           _f(ref.top1_distilled), _f(ref.ap_box), _f(ref.ap_mask), _f(ref.miou),
+                           _f(ref.dense_latency_ms)]))
     return lines
 
 
 def census_table(rows: list[dict]) -> list[str]:
     """Core ML op counts of the exported models, per run (variants differ here first)."""
-    with_census = [r for r in rows if r["census_ops"]]
+    with_census = [r for r in rows if r["census_ops"] or r["census_ops_total"]]
     if not with_census:
         return []
-    models = sorted({m for r in with_census for m in r["census_ops"]})
-    lines = ["", "## All runs: Core ML op census", "", "| run | variant | " + " | ".join(models) + " |",
-             "|" + "---|" * (2 + len(models))]
+    models = sorted({m for r in with_census for m in (*r["census_ops"], *r["census_ops_total"])})
+    lines = ["", "## All runs: Core ML op census", "",
+             "MIL operations without `const`, the same for any weights of a network; in brackets with `const`, "
+             "which Core ML merges where weight values are equal, so that total depends on the weights.", "",
+             "| run | variant | " + " | ".join(models) + " |", "|" + "---|" * (2 + len(models))]
     for r in with_census:
-        lines.append(f"| {r['name']} | {r['variant']} | " + " | ".join(_f(r['census_ops'].get(m), 0) for m in models)
-                     + " |")
+        cells = [f"{_f(r['census_ops'].get(m), 0)} ({_f(r['census_ops_total'].get(m), 0)})" for m in models]
+        lines.append(f"| {r['name']} | {r['variant']} | " + " | ".join(cells) + " |")
     return lines
 
 
-def pareto_section(backend: str, image: str, points: list[dict]) -> list[str]:
+def pareto_section(backend: str, image: str, points: list[dict], rows: list[dict]) -> list[str]:
     front = [p["run"] for p in points if p["on_front"]]
+    hosts = "; ".join(sorted({_host(r, backend) for r in rows if backend in r["latency_ms"]})) or "host not recorded"
     return ["", f"### Accuracy vs latency: {backend}", "", f"![accuracy vs latency on {backend}]({image})", "",
-            f"Left: our runs measured on `{backend}`, Pareto front: {', '.join(front) or '–'}. Right: the paper's "
-            "Tables 3 and 18 (iPhone 13, Core ML, ImageNet-1K), reference figures not measured here."]
+            f"Left: our runs measured on `{backend}` ({hosts}), Pareto front: {', '.join(front) or '–'}. Right: the "
+            "paper's Tables 3 and 18 (iPhone 13, Core ML, ImageNet-1K), reference figures not measured here."]

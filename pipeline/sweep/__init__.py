@@ -13,13 +13,14 @@ trial's values go to `artifacts/sweep/best.yaml` as a params fragment (merge
 its `params` into params.yaml, or make a recipe of it), with
 `artifacts/sweep/manifest.json` written last.
 
-Latency (`sweep.latency`, see `latency`): every variant the search may draw
+Latency (`sweep.latency`, see `objective`): every variant the search may draw
 is timed once before training; with `budget_ms`, the slower ones are left
 out of the search. Each trial then carries its model's `latency_ms`, and the
 parent run records the trials' accuracy-latency Pareto front
 (`sweep/pareto.json`, `sweep/pareto.png`, tag `iformer.pareto_trials`).
 
-Needs the prepare stage's output. Distillation is not swept. Each running
+Needs the prepare stage's output. Distillation and released weights
+(`model.weights`) are not swept. Each running
 trial holds 0.01 CPU besides its workers' `ray.cpus_per_worker`: on nodes
 with a whole number of CPUs, ask for a little less than a whole CPU per worker
 (e.g. 0.5) or a node never has room for a worker next to a trial. Seen with

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -11,12 +10,17 @@ from pathlib import Path
 
 import yaml
 
-from .. import cluster, layout, tracking
+from ..classify.datasets import Prepared
+from ..compute import cluster
 from ..config import Config, parse_config
+from ..config.apply import with_dotted
 from ..config.sweep import SPACE_FIELDS
-from ..data import Prepared
+from ..core import layout
+from ..deploy.latency import check_threads
 from ..errors import PipelineError
-from . import latency as sweep_latency
+from ..tracking import invocation, runs
+from ..tracking.metrics import metric_batch
+from . import objective as sweep_latency
 
 log = logging.getLogger(__name__)
 STAGE = "sweep"
@@ -24,34 +28,12 @@ TAG_TRIAL = "iformer.trial_id"
 TAG_EARLY = "iformer.early_stopped"
 
 
-def overrides(values: dict) -> dict:
-    """{'optim.base_lr': 1e-3, ...} -> the nested params fragment."""
-    nested: dict = {}
-    for dotted, v in values.items():
-        *path, key = dotted.split(".")
-        node = nested
-        for p in path:
-            node = node.setdefault(p, {})
-        node[key] = v
-    return nested
-
-
-def merged(base: dict, values: dict) -> dict:
-    """A copy of the config dict `base` with the trial's dotted `values` set."""
-    out = copy.deepcopy(base)
-    for dotted, v in values.items():
-        *path, key = dotted.split(".")
-        node = out
-        for p in path:
-            node = node[p]
-        node[key] = v
-    return out
-
-
 def check(cfg: Config, root: Path) -> Prepared:
     prepared = Prepared.load(layout.stage_dir("prepare", root))
     if cfg.distill.enabled:
         raise PipelineError("distill.enabled: sweeps train without a teacher; set it to false for the sweep")
+    if cfg.model.weights is not None:
+        raise PipelineError("model.weights: sweeps train from random initialisation; set it to null for the sweep")
     space = cfg.sweep.space
     base = cfg.to_dict()
     # Every corner of the space must be a valid config.
@@ -63,12 +45,14 @@ def check(cfg: Config, root: Path) -> Prepared:
             corners = [{**c, field: v} for c in corners for v in options]
     for corner in corners:
         try:
-            candidate = parse_config(merged(base, corner), "sweep.space")
+            candidate = parse_config(with_dotted(base, corner), "sweep.space")
         except PipelineError as err:
             raise PipelineError(f"{err} (a value the sweep would try)") from None
         if candidate.train.batch_size > prepared.manifest["counts"]["train"]:
             raise PipelineError(f"sweep.space.batch_size: {candidate.train.batch_size} is larger than the "
                                 f"{prepared.manifest['counts']['train']} training images")
+    if cfg.sweep.latency.backend:
+        check_threads(cfg.latency.threads)  # the sweep times variants with latency.threads
     cluster.check(cfg)
     return prepared
 
@@ -101,15 +85,15 @@ def trial(values: dict, setup: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.train.v2.api.config import LoggingConfig
 
-    from ..train import train_loop_per_worker
-    from ..trainer import trainer_class
+    from ..classify.worker import train_loop_per_worker
+    from ..compute.trainer import trainer_class
 
-    cfg = Config.model_validate(merged(setup["cfg"], values))
+    cfg = Config.model_validate(with_dotted(setup["cfg"], values))
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(setup["tracking_uri"])
     run = client.create_run(setup["experiment_id"], run_name=f"trial {trial_id}",
-                            tags={tracking.TAG_PARENT: setup["parent_run_id"], tracking.TAG_KIND: "sweep-trial",
-                                  TAG_TRIAL: trial_id, tracking.TAG_STAGE: STAGE})
+                            tags={runs.TAG_PARENT: setup["parent_run_id"], runs.TAG_KIND: "sweep-trial",
+                                  TAG_TRIAL: trial_id, runs.TAG_STAGE: STAGE})
     from mlflow.entities import Param
 
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in values.items()])
@@ -154,13 +138,13 @@ def run(cfg: Config, root: Path, prepared: Prepared) -> Path:
     base = cfg.to_dict()
     base["train"]["epochs"] = epochs
     name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    uri = tracking.tracking_uri(cfg, root)
+    uri = runs.tracking_uri(cfg, root)
     client = MlflowClient(uri)
-    exp_id = tracking.experiment_id(client, cfg.mlflow.experiment,
-                                    tracking.artifact_location(root) if uri.startswith("sqlite:") else None)
+    exp_id = runs.experiment_id(client, cfg.mlflow.experiment,
+                                    runs.artifact_location(root) if uri.startswith("sqlite:") else None)
     parent = client.create_run(exp_id, run_name=name, tags={
-        tracking.TAG_KIND: "sweep", tracking.TAG_REPO: str(layout.state_root(root)), tracking.TAG_OWNER: tracking.owner(),
-        "iformer.git_commit": tracking.git_commit(root), "iformer.params_hash": cfg.params_hash()}).info.run_id
+        runs.TAG_KIND: "sweep", runs.TAG_REPO: str(layout.state_root(root)), runs.TAG_OWNER: invocation.owner(),
+        "iformer.git_commit": invocation.git_commit(root), "iformer.params_hash": cfg.params_hash()}).info.run_id
     client.log_dict(parent, s.model_dump(mode="json"), "sweep/config.yaml")
     status = "FAILED"
     try:
@@ -206,10 +190,9 @@ def summarize(client, exp_id: str, parent: str, results, metric: str, epochs: in
     With `latency_ms` (per variant), every trial carries its model's latency
     and the parent records the accuracy-latency Pareto front of the trials.
     """
-    from ..tracking import metric_batch
 
     children = {r.data.tags.get(TAG_TRIAL): r for r in
-                client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent}'", max_results=1000)}
+                client.search_runs([exp_id], filter_string=f"tags.`{runs.TAG_PARENT}` = '{parent}'", max_results=1000)}
     rows = []
     for result in results:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
@@ -251,7 +234,7 @@ def log_front(client, parent: str, done: list[dict], metric: str, backend: str) 
 
     on_front = sweep_latency.front(done, metric)
     client.log_dict(parent, on_front, "sweep/pareto.json")
-    client.log_batch(parent, metrics=tracking.metric_batch({"pareto_trials": len(on_front)}))
+    client.log_batch(parent, metrics=metric_batch({"pareto_trials": len(on_front)}))
     client.set_tag(parent, "iformer.pareto_trials", ",".join(str(r["trial"]) for r in on_front))
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "pareto.png"
@@ -269,7 +252,7 @@ def write_best(cfg: Config, root: Path, name: str, parent: str, best: dict, metr
     body = {"sweep": name, "metric": metric, "value": best[metric], "latency_ms": best.get("latency_ms"),
             "epochs": best["epochs"],
             "trial": best["trial"], "mlflow_run_id": best["mlflow_run_id"], "mlflow_parent_run_id": parent,
-            "params": overrides(best["values"])}
+            "params": with_dotted({}, best["values"])}
     path = out / "best.yaml"
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(f"# The best trial of {name}; merge `params` into params.yaml to train with it.\n"

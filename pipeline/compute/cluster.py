@@ -1,0 +1,332 @@
+"""Ray: connect to a cluster or start a private local one, and describe a Train run.
+
+`ray.address` (or `RAY_ADDRESS`) names a cluster; `check` probes it with a
+bounded timeout before any run is opened. Without one, `session` starts a local
+Ray that belongs to this process alone:
+
+- every listener on loopback: Ray takes 127.0.0.1 as the node address when its
+  "cluster" mode is off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the switch it
+  uses on macOS), and then binds its gRPC, dashboard and metrics servers there;
+- token authentication on, with a fresh random token in the run's own temp dir
+  (`RAY_AUTH_TOKEN_PATH`), so no other user or process can drive it;
+- its own short temp dir (`/tmp/ray-XXXXXXXX`; Unix socket paths are limited to
+  ~107 bytes), so two pipelines on one machine never see each other's session;
+  it is removed after a clean shutdown;
+- fate-shared: a reaper (`lifecycle.reaper`) stops every process of this Ray
+  and removes the temp dir once this process is gone, even after a SIGKILL,
+  and `lifecycle` makes this process die with `dvc`;
+- its training workers run at normal CPU priority (Ray's default starts workers
+  at niceness 15, below its own daemons) and its daemons and helper actors at
+  a lower one, so on a small machine they do not steal the training threads'
+  cores;
+- torch's rendezvous store for the training workers on loopback too
+  (`rendezvous`), where Ray's torch backend would bind it to every interface.
+
+Ray's own console chatter goes to a log file (`console.attach`); only our lines
+reach the terminal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..core import console, layout, lifecycle
+from ..errors import PipelineError
+from .renice import Renicer
+
+log = logging.getLogger(__name__)
+
+#: The local Ray's token file; its path in a process's environment marks that
+#: process as this run's (see `lifecycle.reaper`).
+TOKEN_FILE = "auth_token"
+#: Where Ray's processes find the state API (the dashboard) of the local Ray.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+#: What the workers need to reach the tracking server; credentials come from
+#: the driver's environment, never from params.yaml.
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
+
+
+def address(cfg) -> str | None:
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _host_port(addr: str) -> tuple[str, int] | None:
+    """host and port of a GCS (`host:port`) or Ray Client (`ray://host:port`) address."""
+    bare = addr.split("://", 1)[-1].rstrip("/")
+    host, _, port = bare.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check(cfg) -> None:
+    """Fail within `ray.connect_timeout_s` when the configured cluster does not answer.
+
+    Ray's own connect retries for minutes; this probe runs before any MLflow
+    run is opened. `auto` is resolved by Ray itself when it connects. A
+    cluster also needs storage and a tracking store its workers can reach
+    (`check_storage`, `check_tracking`).
+    """
+    addr = address(cfg)
+    if not addr:
+        return
+    if addr != "auto":  # `auto` is resolved by Ray itself when it connects
+        _probe(cfg, addr)
+    check_storage(cfg, addr)
+    check_tracking(cfg, addr)
+
+
+def _probe(cfg, addr: str) -> None:
+    hp = _host_port(addr)
+    field = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    if hp is None:
+        raise PipelineError(f"{field}: {addr!r} is not host:port or ray://host:port")
+    try:
+        with socket.create_connection(hp, timeout=cfg.ray.connect_timeout_s):
+            pass
+    except OSError as err:
+        raise PipelineError(f"{field}: nothing answers at {addr} within {cfg.ray.connect_timeout_s:g} s "
+                            f"({err.strerror or err}); start the cluster or fix the address") from None
+
+
+def check_storage(cfg, addr: str) -> None:
+    """A cluster's workers write checkpoints on their own nodes: a path inside this repo is not shared.
+
+    Ray Train V2 persists every checkpoint to `storage_path` from the worker
+    that reports it and restores from there after a restart, on whatever node,
+    so the path must name the same place on every node. An absolute path is
+    taken as a shared mount (it is the user's statement); a URI is remote storage.
+    """
+    sp = str(cfg.ray.storage_path)
+    if "://" in sp or Path(sp).is_absolute():
+        return
+    raise PipelineError(f"ray.storage_path: {sp!r} is a directory inside this repo, which only this machine "
+                        f"reaches; a run on the Ray cluster at {addr} can place its workers on any node, and Ray "
+                        "Train writes and restores checkpoints from each of them, so it needs storage every node "
+                        "reaches: an absolute path on a shared mount (NFS) or a URI (s3://, gs://, abfs://, ...)")
+
+
+def check_tracking(cfg, addr: str) -> None:
+    """A cluster's workers log to MLflow from other machines: a local file or sqlite store cannot serve them."""
+    from ..tracking import runs
+
+    uri = runs.tracking_uri(cfg, layout.repo_root())
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else "file"
+    if scheme in ("file", "sqlite"):
+        raise PipelineError(f"mlflow.tracking_uri / MLFLOW_TRACKING_URI: {uri} is a local store, which the "
+                            f"workers of the Ray cluster at {addr} cannot log to; start a tracking server "
+                            "(`mlflow server`) every node reaches and set mlflow.tracking_uri or "
+                            "MLFLOW_TRACKING_URI to its http(s):// address")
+
+
+def _runtime_env_vars() -> dict:
+    env = {k: os.environ[k] for k in (*TRACKING_ENV, "MLFLOW_DISABLE_TELEMETRY", "IFORMER_ROOT") if k in os.environ}
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Train V2 tees print() into its logger as well, which doubles every line.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    return env
+
+
+def _connect(cfg, addr: str) -> None:
+    import ray
+
+    # Ship our packages to the cluster's workers; their other dependencies
+    # are the cluster image's (same pins as pyproject.toml).
+    import iformer
+    import pipeline
+
+    runtime_env = {"env_vars": _runtime_env_vars(),
+                   "py_modules": [str(Path(iformer.__file__).parent), str(Path(pipeline.__file__).parent)]}
+    log.info("connecting to Ray cluster at %s", addr)
+    try:
+        ray.init(address=addr, runtime_env=runtime_env, configure_logging=False, log_to_driver=True)
+    except Exception as err:  # ConnectionError, RuntimeError, ValueError, AuthenticationError from ray
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"ray.address / RAY_ADDRESS: cannot connect to {addr} ({first}); "
+                            "a cluster with token authentication needs RAY_AUTH_MODE=token and "
+                            "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH in the environment") from None
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_local(cfg, tmp: Path) -> None:
+    token = tmp / TOKEN_FILE
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                      RAY_TRAIN_ENABLE_PRINT_PATCH="0",
+                      # A one-machine Ray has no node to lose to preemption and no one scraping
+                      # Train's Prometheus metrics: each would cost an actor process or a callback
+                      # and its polling in every stage's start.
+                      RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_METRICS_ENABLED="0",
+                      # Ray starts every worker at niceness 15, below its own
+                      # daemons: here the training workers must come first.
+                      RAY_worker_niceness="0")
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    # Ray reads both switches from the environment when it is imported; this
+    # process may have imported it already (the Ray processes it starts read
+    # them fresh). Ray's own token set-up refreshes its config the same way.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    # Ray's processes find the state API (in the dashboard) by scanning the
+    # machine for a gcs_server unless told where it is; with a second Ray on
+    # the machine (another pipeline, a test cluster) that scan fails inside
+    # Train V2's placement-group cleaner, whose placement groups then stay
+    # reserved and starve the next worker group. So: our port, said outright.
+    api = f"http://127.0.0.1:{_free_loopback_port()}"
+    os.environ[API_SERVER_ENV] = api
+    ray.init(
+        num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
+        # The dashboard hosts Ray's state API, which Train V2's controller and
+        # Tune poll; without it they warn in a loop (or hang).
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=int(api.rsplit(":", 1)[1]),
+        _temp_dir=str(tmp),
+        runtime_env={"env_vars": {**_runtime_env_vars(), API_SERVER_ENV: api}},
+        configure_logging=False,
+        log_to_driver=True,
+    )
+    gcs = ray.get_runtime_context().gcs_address
+    if not gcs.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
+        ray.shutdown()
+        raise PipelineError(f"ray: the local Ray came up at {gcs}, not on loopback; refusing to run")
+
+
+@contextmanager
+def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[None]:
+    """Ray for the duration of the block: the configured cluster, or a private local one.
+
+    Ray's console output goes to `log_file`; lines our workers print with the
+    stage's `[stage]` prefix are shown. A local Ray is shut down and its temp
+    dir removed when the block ends, however it ends.
+    """
+    import ray
+
+    if ray.is_initialized():  # already set up by this process (tests, sweeps)
+        yield
+        return
+    addr = address(cfg)
+    tmp = renicer = None
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with console.ray_output(stage, log_file):
+        try:
+            if addr:
+                _connect(cfg, addr)
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+                lifecycle.reaper("RAY_AUTH_TOKEN_PATH", str(tmp / TOKEN_FILE))
+                _start_local(cfg, tmp)
+                renicer = Renicer(cfg.ray.local_daemon_niceness)
+            lifecycle.handle_signals()
+            console.attach(stage, log_file)
+            yield
+        finally:
+            if renicer is not None:
+                renicer.stop()
+            console.detach()
+            if ray.is_initialized():
+                ray.shutdown()
+            if tmp is not None:
+                os.environ.pop(API_SERVER_ENV, None)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def storage_path(cfg, root: Path) -> str:
+    sp = str(cfg.ray.storage_path)
+    if "://" in sp:
+        return sp
+    p = Path(sp)
+    return str(p if p.is_absolute() else (layout.state_root(root) / p).resolve())
+
+
+def run_dir(cfg, root: Path, name: str) -> Path:
+    """A local directory for the Ray run's lock and log: inside it when storage is local."""
+    sp = storage_path(cfg, root)
+    if "://" in sp:
+        return layout.state_root(root) / "ray_runs" / name
+    return Path(sp) / name
+
+
+def scaling_config(cfg, section=None):
+    """Workers from `section` (a stage's own `ray` block: num_workers, cpus_per_worker), else `ray`."""
+    from ray.train import ScalingConfig
+
+    r, own = cfg.ray, section or cfg.ray
+    resources = {"CPU": own.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    return ScalingConfig(num_workers=own.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources)
+
+
+def torch_config(cfg):
+    """gloo on CPU, NCCL on GPU; on the local Ray, the rendezvous store stays on loopback."""
+    from ray.train.torch import TorchConfig
+
+    backend = cfg.ray.backend
+    if backend == "auto":
+        backend = "nccl" if cfg.ray.use_gpu else "gloo"
+    if address(cfg) is None:
+        from .rendezvous import LoopbackTorchConfig
+
+        return LoopbackTorchConfig(backend=backend)
+    return TorchConfig(backend=backend)
+
+
+def run_config(cfg, root: Path, name: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.v2.api.config import LoggingConfig
+
+    return RunConfig(
+        name=name,
+        storage_path=storage_path(cfg, root),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        # Ray Train's INFO lines (resource requests, each report) stay in its
+        # session log files; warnings still reach our log file.
+        logging_config=LoggingConfig(log_level="WARNING"),
+    )
+
+
+def prune_run(cfg, root: Path, name: str) -> int:
+    """After a successful stage: drop the Ray run's checkpoints and state, keep its logs.
+
+    The stage's result is in `artifacts/<stage>` (and DVC's cache); checkpoints are
+    only for resuming an *interrupted* run, so a finished run keeps its `*.log` files
+    and lock and nothing else (a forced rerun trains afresh). Remote storage is left
+    to its own retention. Returns the bytes freed.
+    """
+    import shutil
+
+    if not cfg.ray.prune_checkpoints or "://" in storage_path(cfg, root):
+        return 0
+    run = run_dir(cfg, root, name)
+    freed = 0
+    for entry in run.iterdir() if run.is_dir() else ():
+        if entry.name == ".lock" or entry.suffix == ".log":
+            continue
+        files = entry.rglob("*") if entry.is_dir() else [entry]
+        freed += sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return freed

@@ -1,0 +1,142 @@
+"""Running a train loop on Ray Train the pipeline's way; shared by pretrain and the dense stages.
+
+:func:`seed_everything` (in each worker) draws every random number of a run
+from its seed and picks deterministic kernels.
+
+:func:`fit` starts (or joins) Ray through :func:`cluster.session`, runs a
+`TorchTrainer` whose Ctrl-C stays ours, and turns a failed run into one
+`ray: ...` line naming the worker, the cause and Ray's own log.
+:func:`remember_run` notes the stage's MLflow run beside the Ray run, so a
+rerun that resumes the Ray run continues that MLflow run (:func:`recorded_run`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from ..core import lifecycle
+from ..errors import PipelineError
+from . import cluster
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Python's `random` (timm's crops, erasing and RandAugment; mmcv's transforms), numpy (mixup,
+    cutmix) and torch (init, drop path, colour jitter) from `seed`; loader worker processes are
+    seeded by torch from their loader's generator. `deterministic` picks deterministic kernels
+    (a warning for an op that has none) and, on GPU, cuDNN algorithms without benchmarking."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, scaling):
+    """`loop(loop_config)` on every worker of `scaling`; returns Ray's Result."""
+    from ray.exceptions import RayError
+    from ray.train import TrainingFailedError
+
+    job = trainer_class()(loop, train_loop_config=loop_config, scaling_config=scaling,
+                          run_config=cluster.run_config(cfg, root, run_name), torch_config=cluster.torch_config(cfg))
+    log_file = cluster.run_dir(cfg, root, run_name) / "ray.log"
+    with cluster.session(cfg, root, stage, log_file):
+        log.info("Ray's own log: %s", log_file)
+        try:
+            result = job.fit()
+        except TrainingFailedError as err:
+            raise PipelineError(training_failure(err, cfg, log_file)) from None
+        except RayError as err:  # the run's controller itself died (Ray's OOM killer, a lost head node)
+            raise PipelineError(controller_failure(err, log_file)) from None
+        lifecycle.raise_if_stopping()  # a stop signal arrived but Ray's blocking call swallowed its exception
+        return result
+
+
+#: Beside the Ray run's lock and log: the MLflow run its stage logs to.
+RUN_RECORD = "mlflow_run.json"
+
+
+def remember_run(cfg, root: Path, run_name: str, mlflow_run_id: str) -> None:
+    """Record which MLflow run trains `run_name` (removed with the checkpoints after success)."""
+    path = cluster.run_dir(cfg, root, run_name) / RUN_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"mlflow_run_id": mlflow_run_id}) + "\n")
+    tmp.replace(path)
+
+
+def recorded_run(cfg, root: Path, run_name: str) -> str | None:
+    """The MLflow run an earlier attempt at `run_name` logged to, if one is recorded."""
+    path = cluster.run_dir(cfg, root, run_name) / RUN_RECORD
+    try:
+        return json.loads(path.read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: a new run
+        return None
+
+
+def trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """TorchTrainer whose Ctrl-C stays a KeyboardInterrupt.
+
+        Ray's own SIGINT handler aborts the run and exits 0 or 1; ours lets the
+        stage mark its MLflow runs KILLED and shut its local Ray down
+        (`lifecycle`). On a cluster the run's actors end with the driver.
+        """
+
+        def _register_sigint_handler(self, controller) -> None:
+            return None
+
+    return Trainer
+
+
+def controller_failure(err, log_file: Path) -> str:
+    """One line for a Ray Train run whose controller actor is gone."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    if len(first) > 240:
+        first = first[:240] + "…"
+    hint = (" (the machine ran low on memory: run fewer things at once, or lower data.loader_workers or the batch size)"
+            if type(err).__name__ == "OutOfMemoryError" else "")
+    return (f"ray: the Ray Train run was lost: {type(err).__name__}: {first}{hint}; rerun `dvc repro` to resume "
+            f"from the last checkpoint (details: {log_file})")
+
+
+def training_failure(err, cfg, log_file: Path) -> str:
+    """One line for a failed Ray Train run: which worker, why, and how to go on.
+
+    Ray reports a dead worker either per rank (WorkerGroupError) or as an
+    actor death under the controller (ControllerError); both name the actor
+    in an indented `class_name: / pid: / ip:` block when a process died.
+    """
+    failures = sorted((getattr(err, "worker_failures", None) or {}).items())
+    rank, cause = failures[0] if failures else (None, getattr(err, "controller_failure", err))
+    text = str(cause)
+    found = dict(re.findall(r"^\s*(class_name|pid|ip): (\S+)", text, re.M))
+    exit_detail = re.search(r"Worker exit detail: ([^.]*)", text)
+    last = text.strip().splitlines()[-1:] or [type(cause).__name__]
+    if rank is not None or found.get("class_name") == "RayTrainWorker":
+        where = f" pid {found['pid']} on {found.get('ip', '?')}" if "pid" in found else ""
+        what = f"training worker{'' if rank is None else f' rank {rank}'}{where} failed"
+    else:
+        what = "the Ray Train run failed"
+    what += f": {exit_detail.group(1) if exit_detail else last[0]}"
+    if len(failures) > 1:
+        what += f" (and {len(failures) - 1} more workers)"
+    bad_input = re.search(r"PipelineError: (.+)", text)
+    if bad_input:  # the data or an input is at fault: a rerun alone, from any checkpoint, meets it again
+        return f"ray: {what.split(': ')[0]}: {bad_input.group(1).strip()} (details: {log_file})"
+    return (f"ray: {what}; rerun `dvc repro` to resume from the last checkpoint"
+            + ("" if cfg.ray.max_failures else ", or set ray.max_failures to restart workers by itself")
+            + f" (details: {log_file})")

@@ -1,0 +1,77 @@
+"""Where each stage keeps its outputs, relative to the repository root.
+
+`dvc.yaml` names the same paths (a test keeps the two in step). Every stage owns
+`artifacts/<stage>/` and writes `artifacts/<stage>/manifest.json` last, so a
+manifest on disk means the stage finished; it carries the MLflow run id that
+produced the outputs, which is how a stage DVC restores from cache is linked
+into a later pipeline run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import PipelineError
+
+#: All stages in pipeline order. Later issues insert theirs before "report".
+STAGES: tuple[str, ...] = ("prepare", "pretrain", "evaluate", "export", "latency", "prepare_dense",
+                           "finetune_coco", "finetune_ade20k", "report")
+
+
+def repo_root() -> Path:
+    """The repository root: $IFORMER_ROOT, else the nearest folder holding dvc.yaml, from here up.
+
+    As `git` and `dvc` find theirs, so a command started in a sub-folder works
+    on the same repo, params and MLflow store as one started at the root.
+    Outside any repo it refuses (a `PipelineError`), rather than starting a
+    new store and parent run in whatever folder this is.
+    """
+    env = os.environ.get("IFORMER_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for cand in (here, *here.parents):
+        if (cand / "dvc.yaml").is_file():
+            return cand
+    raise PipelineError(f"{here}: no dvc.yaml here or in any folder above; run this inside the project "
+                        "(any folder of it), or set IFORMER_ROOT to its root")
+
+
+def state_root(root: Path | None = None) -> Path:
+    """Where long-lived tool state lives (MLflow store, Ray checkpoints).
+
+    `dvc exp run --temp` and queued experiments run in a temp copy of the repo;
+    DVC then points DVC_ROOT at the real repo, so every experiment lands in the
+    same MLflow store and Ray storage.
+    """
+    env = os.environ.get("DVC_ROOT")
+    return Path(env).resolve() if env else (root or repo_root())
+
+
+def stage_dir(stage: str, root: Path | None = None) -> Path:
+    return (root or repo_root()) / "artifacts" / stage
+
+
+def manifest_path(stage: str, root: Path | None = None) -> Path:
+    return stage_dir(stage, root) / "manifest.json"
+
+
+def metrics_path(stage: str, root: Path | None = None) -> Path:
+    return (root or repo_root()) / "metrics" / f"{stage}.json"
+
+
+def plots_dir(root: Path | None = None) -> Path:
+    return (root or repo_root()) / "plots"
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """`path` names something in `folder` once `..` is resolved.
+
+    A link placed in the folder may point anywhere (linking large files in is how weights/,
+    teachers/ and data folders are meant to be filled), but `..` cannot climb out of it,
+    through a link or not: a path with `..` must also lie inside once every link is resolved.
+    """
+    path = Path(path).absolute()
+    if not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(Path(folder).absolute())):
+        return False
+    return ".." not in path.parts or path.resolve().is_relative_to(Path(folder).resolve())

@@ -1,0 +1,89 @@
+"""`pipeline.compute.renice`: which of a local Ray's processes are daemons, and lowering exactly
+those. Real child processes titled as Ray titles them (`sleep` under another argv[0]); no Ray."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import psutil
+import pytest
+
+from pipeline.compute.renice import Renicer
+
+PY = "/usr/bin/python3"
+
+
+@pytest.mark.parametrize("cmdline, name, daemon", [
+    # actors and tasks, titled by Ray
+    (["ray::RayTrainWorker.train_fn"], "ray::RayTrainWo", False),
+    (["ray::RayTrainWorker"], "python", False),
+    (["ray::IDLE"], "ray::IDLE", False),  # an idle worker becomes a training worker
+    (["ray::TrainController.run"], "ray::TrainContr", True),
+    (["ray::DashboardAgent"], "python", True),
+    (["ray::RuntimeEnvAgent"], "python", True),
+    # Ray's own executables and Python daemons
+    (["/venv/lib/ray/core/src/ray/gcs/gcs_server", "--node-ip-address=127.0.0.1"], "gcs_server", True),
+    (["/venv/lib/ray/core/src/ray/raylet/raylet", "--node_id=x"], "raylet", False),  # its workers inherit it
+    ([PY, "-u", "/venv/lib/ray/dashboard/dashboard.py", "--host=127.0.0.1"], "python3", True),
+    ([PY, "-u", "/venv/lib/ray/autoscaler/_private/monitor.py"], "python3", True),
+    ([PY, "/venv/lib/ray/_private/workers/default_worker.py", "--node-ip-address=x"], "python3", False),
+    ([PY, "-u", "/venv/lib/ray/_private/workers/default_worker.py"], "python3", False),  # starting up
+    # no command line to read (a zombie, or another user's): the process name decides
+    ([], "raylet", False),
+    ([], "gcs_server", True),
+])
+def test_is_daemon(cmdline, name, daemon):
+    assert Renicer.is_daemon(cmdline, name) is daemon
+
+
+@pytest.fixture
+def ray_like(tmp_path):
+    """Child processes titled like a Ray node's: {title: process}, killed afterwards."""
+    sleep = shutil.which("sleep")
+    raylet = tmp_path / "raylet"
+    raylet.symlink_to(sleep)  # the process name (comm) comes from the path executed
+    spawned = {
+        "ray::DashboardAgent": subprocess.Popen(["ray::DashboardAgent", "60"], executable=sleep),
+        "gcs_server": subprocess.Popen(["/opt/ray/core/src/ray/gcs/gcs_server", "60"], executable=sleep),
+        "ray::RayTrainWorker.train_fn": subprocess.Popen(["ray::RayTrainWorker.train_fn", "60"], executable=sleep),
+        "ray::IDLE": subprocess.Popen(["ray::IDLE", "60"], executable=sleep),
+        "raylet": subprocess.Popen([str(raylet), "60"]),
+    }
+    yield {title: psutil.Process(p.pid) for title, p in spawned.items()}
+    for p in spawned.values():
+        p.kill()
+        p.wait()
+
+
+def test_renicer_lowers_only_the_daemons(ray_like):
+    base = os.nice(0)
+    if base > 15:
+        pytest.skip(f"this process already runs at niceness {base}")
+    assert psutil.Process(ray_like["raylet"].pid).name() == "raylet"
+    renicer = Renicer(base + 3)  # scans once at once, then every 2 s
+    try:
+        got = {title: proc.nice() for title, proc in ray_like.items()}
+    finally:
+        renicer.stop()
+    assert got == {"ray::DashboardAgent": base + 3, "gcs_server": base + 3,
+                   "ray::RayTrainWorker.train_fn": base, "ray::IDLE": base, "raylet": base}
+    assert not renicer.thread.is_alive()
+
+
+def test_renicer_at_zero_does_nothing(ray_like):
+    base = os.nice(0)
+    renicer = Renicer(0)
+    assert renicer.thread is None
+    assert {proc.nice() for proc in ray_like.values()} == {base}
+    renicer.stop()
+
+
+def test_renicer_never_raises_a_daemons_priority(ray_like):
+    base = os.nice(0)
+    if base > 15:
+        pytest.skip(f"this process already runs at niceness {base}")
+    agent = ray_like["ray::DashboardAgent"]
+    agent.nice(base + 4)  # already lower than asked
+    Renicer(base + 2).stop()
+    assert agent.nice() == base + 4
