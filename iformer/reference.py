@@ -4,7 +4,8 @@ Sources: Table 3 (params, GMACs, iPhone 13 latency at 224, top-1), Table 4 and
 Table 12 (top-1 with distillation), Table 5 and Table 13 (Mask R-CNN AP on
 COCO, Semantic FPN mIoU on ADE20K, backbone latency at 512x512). `None` means
 the paper gives no figure. `BASELINES` holds Table 3's rows of the other
-networks (MobileNet, RepViT, FastViT, ...) and `TABLE18` the further rows of the
+networks (MobileNet, RepViT, FastViT, ...), each with its timm name where timm has
+it (the field stage times those), and `TABLE18` the further rows of the
 appendix's Table 18, for the report's accuracy-vs-latency plot. The report puts our numbers beside these.
 """
 from __future__ import annotations
@@ -61,39 +62,40 @@ class Baseline:
     epochs: int
     top1: float
     table: int = 3  # the paper's table the row is taken from
+    timm: Optional[str] = None  # the same network in timm (1.0.31), for the measured field; None: not in timm
 
 
 #: Table 3 (classification on ImageNet-1K), the other networks' rows, in the paper's order.
 BASELINES: tuple[Baseline, ...] = (
-    Baseline("MobileNetV2 1.0x (2018)", 3.4, 0.30, 0.73, 224, 500, 72.0),
-    Baseline("MobileNetV3-Large 0.75x (2019)", 4.0, 0.16, 0.67, 224, 600, 73.3),
-    Baseline("MNV4-Conv-S (2024)", 3.8, 0.20, 0.60, 224, 500, 73.8),
-    Baseline("MobileNetV2 1.4x (2018)", 6.9, 0.59, 1.02, 224, 500, 74.7),
-    Baseline("MobileNetV3-Large 1.0x (2019)", 5.4, 0.22, 0.76, 224, 600, 75.2),
-    Baseline("SwiftFormer-XS (2023)", 3.5, 0.60, 0.95, 224, 300, 75.7),
+    Baseline("MobileNetV2 1.0x (2018)", 3.4, 0.30, 0.73, 224, 500, 72.0, timm="mobilenetv2_100"),
+    Baseline("MobileNetV3-Large 0.75x (2019)", 4.0, 0.16, 0.67, 224, 600, 73.3, timm="mobilenetv3_large_075"),
+    Baseline("MNV4-Conv-S (2024)", 3.8, 0.20, 0.60, 224, 500, 73.8, timm="mobilenetv4_conv_small"),
+    Baseline("MobileNetV2 1.4x (2018)", 6.9, 0.59, 1.02, 224, 500, 74.7, timm="mobilenetv2_140"),
+    Baseline("MobileNetV3-Large 1.0x (2019)", 5.4, 0.22, 0.76, 224, 600, 75.2, timm="mobilenetv3_large_100"),
+    Baseline("SwiftFormer-XS (2023)", 3.5, 0.60, 0.95, 224, 300, 75.7, timm="swiftformer_xs"),
     Baseline("SBCFormer-XS (2024)", 5.6, 0.70, 0.79, 224, 300, 75.8),
-    Baseline("GhostNetV3 1.0x† (2024)", 6.1, 0.17, 0.99, 224, 600, 77.1),
-    Baseline("MobileOne-S2 (2023b)", 7.8, 1.30, 0.92, 224, 300, 77.4),
-    Baseline("RepViT-M1.0 (2024)", 6.8, 1.10, 0.85, 224, 300, 78.6),
+    Baseline("GhostNetV3 1.0x† (2024)", 6.1, 0.17, 0.99, 224, 600, 77.1, timm="ghostnetv3_100"),
+    Baseline("MobileOne-S2 (2023b)", 7.8, 1.30, 0.92, 224, 300, 77.4, timm="mobileone_s2"),
+    Baseline("RepViT-M1.0 (2024)", 6.8, 1.10, 0.85, 224, 300, 78.6, timm="repvit_m1_0"),
     Baseline("EfficientMod-xxs (2024)", 4.7, 0.60, 1.29, 224, 300, 76.0),
     Baseline("SBCFormer-S (2024)", 8.5, 0.90, 1.02, 224, 300, 77.7),
-    Baseline("MobileOne-S3 (2023b)", 10.1, 1.90, 1.16, 224, 300, 78.1),
-    Baseline("SwiftFormer-S (2023)", 6.1, 1.00, 1.12, 224, 300, 78.5),
-    Baseline("GhostNetV3 1.3x† (2024)", 8.9, 0.27, 1.24, 224, 600, 79.1),
-    Baseline("FastViT-T12 (2023a)", 6.8, 1.40, 1.12, 256, 300, 79.1),
-    Baseline("RepViT-M1.1 (2024)", 8.2, 1.30, 1.04, 224, 300, 79.4),
-    Baseline("MNV4-Conv-M (2024)", 9.2, 1.00, 1.08, 256, 500, 79.9),
+    Baseline("MobileOne-S3 (2023b)", 10.1, 1.90, 1.16, 224, 300, 78.1, timm="mobileone_s3"),
+    Baseline("SwiftFormer-S (2023)", 6.1, 1.00, 1.12, 224, 300, 78.5, timm="swiftformer_s"),
+    Baseline("GhostNetV3 1.3x† (2024)", 8.9, 0.27, 1.24, 224, 600, 79.1, timm="ghostnetv3_130"),
+    Baseline("FastViT-T12 (2023a)", 6.8, 1.40, 1.12, 256, 300, 79.1, timm="fastvit_t12"),
+    Baseline("RepViT-M1.1 (2024)", 8.2, 1.30, 1.04, 224, 300, 79.4, timm="repvit_m1_1"),
+    Baseline("MNV4-Conv-M (2024)", 9.2, 1.00, 1.08, 256, 500, 79.9, timm="mobilenetv4_conv_medium"),
     Baseline("MobileFormer-294M (2022b)", 11.4, 0.29, 2.66, 224, 450, 77.9),
-    Baseline("MobileViT-S (2021)", 5.6, 2.00, 3.55, 256, 300, 78.4),
-    Baseline("MobileOne-S4 (2023b)", 14.8, 2.98, 1.74, 224, 300, 79.4),
+    Baseline("MobileViT-S (2021)", 5.6, 2.00, 3.55, 256, 300, 78.4, timm="mobilevit_s"),
+    Baseline("MobileOne-S4 (2023b)", 14.8, 2.98, 1.74, 224, 300, 79.4, timm="mobileone_s4"),
     Baseline("SBCFormer-B (2024)", 13.8, 1.60, 1.44, 224, 300, 80.0),
-    Baseline("GhostNetV3 1.6x† (2024)", 12.3, 0.40, 1.49, 224, 600, 80.4),
-    Baseline("EfficientViT-B1-r288 (2023)", 9.1, 0.86, 3.87, 288, 450, 80.4),
-    Baseline("FastViT-SA12 (2023a)", 10.9, 1.90, 1.50, 256, 300, 80.6),
-    Baseline("MNV4-Hybrid-M (2024)", 10.5, 1.20, 1.75, 256, 500, 80.7),
-    Baseline("SwiftFormer-L1 (2023)", 12.1, 1.60, 1.60, 224, 300, 80.9),
+    Baseline("GhostNetV3 1.6x† (2024)", 12.3, 0.40, 1.49, 224, 600, 80.4, timm="ghostnetv3_160"),
+    Baseline("EfficientViT-B1-r288 (2023)", 9.1, 0.86, 3.87, 288, 450, 80.4, timm="efficientvit_b1"),
+    Baseline("FastViT-SA12 (2023a)", 10.9, 1.90, 1.50, 256, 300, 80.6, timm="fastvit_sa12"),
+    Baseline("MNV4-Hybrid-M (2024)", 10.5, 1.20, 1.75, 256, 500, 80.7, timm="mobilenetv4_hybrid_medium"),
+    Baseline("SwiftFormer-L1 (2023)", 12.1, 1.60, 1.60, 224, 300, 80.9, timm="swiftformer_l1"),
     Baseline("EfficientMod-s (2024)", 12.9, 1.40, 2.57, 224, 300, 81.0),
-    Baseline("RepViT-M1.5 (2024)", 14.0, 2.30, 1.54, 224, 300, 81.2),
+    Baseline("RepViT-M1.5 (2024)", 14.0, 2.30, 1.54, 224, 300, 81.2, timm="repvit_m1_5"),
 )
 
 
@@ -132,6 +134,9 @@ TABLE18: tuple[Baseline, ...] = (
     Baseline("RepNeXt-M4 (2024)", 13.3, 2.30, 1.47, 224, 300, 81.2, table=18),
     Baseline("CAS-ViT-M (2024)", 12.4, 1.89, 2.46, 224, 300, 81.4, table=18),
 )
+
+#: iFormer's own Table 3 rows in the measured field (timm names; the paper's figures are in `PAPER`).
+FIELD_IFORMERS = ("iformer_t", "iformer_s", "iformer_m", "iformer_l")
 
 #: Every other network the paper reports, Table 3's rows first.
 ALL_BASELINES: tuple[Baseline, ...] = BASELINES + TABLE18

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 #: The command modules, in the order a user meets them; `pipeline/sweep` runs as its `__main__`.
-COMMANDS = ("recipes", "exps", "store", "submit", "sweep", "stage_deps")
+COMMANDS = ("recipes", "exps", "store", "submit", "sweep", "stage_deps", "deploy.bench")
 HERE = Path(__file__).parent
 
 
 def summary(command: str) -> str:
     """What `python -m pipeline.<command>` does: its docstring's first line, after the usage in backticks."""
-    path = HERE / command / "__main__.py" if (HERE / command).is_dir() else HERE / f"{command}.py"
+    here = HERE.joinpath(*command.split("."))
+    path = here / "__main__.py" if here.is_dir() else here.with_suffix(".py")
     first = (ast.get_docstring(ast.parse(path.read_text())) or "").splitlines()[0]
     return first.split("`: ", 1)[-1]
 
@@ -26,7 +27,8 @@ def listing() -> str:
     lines = ["iformer-pipeline commands (`python -m pipeline.NAME --help` for each):"]
     lines += [f"  {'python -m pipeline.' + c:<{width}}  {summary(c)}" for c in COMMANDS]
     lines += ["Stages: `dvc repro` runs them all; `python -m stages.NAME` runs one by hand (see dvc.yaml).",
-              "make targets: pipeline, test, test-fast, exps, report, mlflow-ui, bench (see the Makefile)."]
+              "The measured field (opt-in): `make field` = `dvc repro field/dvc.yaml`.",
+              "make targets: pipeline, test, test-fast, exps, report, field, mlflow-ui, bench (see the Makefile)."]
     return "\n".join(lines) + "\n"
 
 

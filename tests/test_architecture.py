@@ -11,7 +11,7 @@ from pipeline.core.deps import imports, module_file
 #: package and from earlier layers; two packages of one layer do not import each other.
 LAYERS = (
     ("errors",), ("config",), ("core",), ("tracking",), ("stage",), ("compute",), ("classify",),
-    ("dense", "deploy"), ("report",), ("sweep", "jobs"),
+    ("dense", "deploy"), ("report", "field"), ("sweep", "jobs"),
     ("recipes", "exps", "store", "submit", "stage_deps", "__main__"),
 )
 #: Top-level packages, lowest first: `stages/` -> `pipeline/` -> `iformer/`.

@@ -24,7 +24,7 @@ from pipeline.core import layout
 from pipeline.errors import PipelineError
 
 COMMANDS = [f"pipeline.{c}" for c in index.COMMANDS]
-STAGES = [f"stages.{s}" for s in layout.STAGES]
+STAGES = [f"stages.{s}" for s in layout.STAGES + layout.OPTIONAL_STAGES]
 
 
 def run_module(module: str, *argv: str) -> tuple[int, str, str]:

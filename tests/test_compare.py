@@ -62,7 +62,7 @@ def test_dvc_plots_render_offline(tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_runs():
-    from pipeline.report.figures import pareto_front
+    from pipeline.core.fronts import pareto_front
 
     pts = [(1.0, 70.0), (0.8, 60.0), (1.2, 69.0), (2.0, 75.0), (0.8, 65.0)]
     assert sorted(pareto_front(pts)) == [0, 3, 4]

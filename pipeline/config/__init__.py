@@ -23,7 +23,7 @@ from ..errors import PipelineError
 from .base import (MAX_BATCH, MAX_COUNT, MAX_EPOCHS, MAX_GPUS, MAX_ITERS, MAX_THREADS, MAX_WORKERS, LaxPath,
                    Location, Pair, Section, check_multiple_of_32, ordered_pair)
 from .dense import DetectionConfig, SegmentationConfig
-from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, LatencyConfig, OnnxExportConfig
+from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, FieldConfig, LatencyConfig, OnnxExportConfig
 from .recipes import RECIPES
 from .sweep import SweepConfig
 
@@ -207,6 +207,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     latency: LatencyConfig = LatencyConfig()
+    field: FieldConfig = FieldConfig()
     detection: DetectionConfig = DetectionConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
     sweep: SweepConfig = SweepConfig()

@@ -1,4 +1,4 @@
-"""The `export` and `latency` sections (pipeline/deploy)."""
+"""The `export`, `latency` and `field` sections (pipeline/deploy, the field stage)."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -22,6 +22,12 @@ class OnnxExportConfig(Section):
     tolerance: float = Field(1e-4, gt=0.0)  # max |ONNX Runtime - torch| / max(1, max |torch|), FP32
 
 
+class ExecuTorchExportConfig(Section):
+    # Also write `<name>.pte` (ExecuTorch, XNNPACK delegate) and check it against torch.
+    enabled: bool = False
+    tolerance: float = Field(1e-4, gt=0.0)  # max |ExecuTorch - torch| / max(1, max |torch|), FP32, every output
+
+
 class ExportConfig(Section):
     # The classifier is exported at its training resolution and at each of these.
     classifier_sizes: list[int] = [224]
@@ -29,6 +35,7 @@ class ExportConfig(Section):
     backbone_size: Optional[int] = Field(512, ge=32, le=2048)
     coreml: CoreMLExportConfig = CoreMLExportConfig()
     onnx: OnnxExportConfig = OnnxExportConfig()
+    executorch: ExecuTorchExportConfig = ExecuTorchExportConfig()
 
     @field_validator("classifier_sizes")
     @classmethod
@@ -46,12 +53,14 @@ class ExportConfig(Section):
 
 
 #: Where latency can be measured (pipeline/deploy/backends.py).
-LATENCY_BACKENDS = ("iphone", "mac", "onnxruntime", "torch")
+LATENCY_BACKENDS = ("iphone", "mac", "onnxruntime", "torch", "executorch")
 Backend = Literal[LATENCY_BACKENDS]  # type: ignore[valid-type]
+#: Timed unless `latency.backends` says otherwise (executorch needs `export.executorch.enabled`).
+DEFAULT_BACKENDS = ("iphone", "mac", "onnxruntime", "torch")
 
 
 class LatencyConfig(Section):
-    backends: list[Backend] = Field(list(LATENCY_BACKENDS), min_length=1)
+    backends: list[Backend] = Field(list(DEFAULT_BACKENDS), min_length=1)
     # Backends that must run: a skip (not macOS, no device, no signing team) becomes an error.
     require: list[Backend] = []
     # Exported models to time (names from the export stage's manifest).
@@ -76,3 +85,29 @@ class LatencyConfig(Section):
         if missing:
             raise ValueError(f"latency.require names {missing}, which latency.backends does not list")
         return self
+
+
+#: What the field times by default (ExecuTorch: the XNNPACK CPU runtime of Android and iOS apps).
+FIELD_BACKENDS = ("onnxruntime", "torch", "executorch")
+
+
+class FieldConfig(Section):
+    """The measured field (`dvc repro field/dvc.yaml`): the paper's networks timed here, no training."""
+
+    # timm names, each at the paper's resolution where the paper lists it; []: every Table 3 row
+    # timm has (iformer.reference) and iFormer T/S/M/L.
+    networks: list[str] = []
+    backends: list[Backend] = Field(list(FIELD_BACKENDS), min_length=1)
+    runs: int = Field(20, gt=0, le=10_000)  # timed runs per network and backend, after warm-up
+    warmup: int = Field(5, ge=0, le=1000)
+    threads: int = Field(1, gt=0, le=MAX_THREADS)  # and no more than this machine's CPUs
+    compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"  # Core ML (mac, iphone)
+    device: Optional[str] = None  # iphone: name or UDID, as latency.device
+
+    @field_validator("networks")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({n for n in v if v.count(n) > 1})
+        if dup:
+            raise ValueError(f"listed twice: {', '.join(dup)}")
+        return v

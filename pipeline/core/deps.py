@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from . import layout
+
 
 #: Modules (a package: all of it) that shape no stage output, with why.
 PLUMBING = {
@@ -284,6 +286,10 @@ def is_code(root: Path, dep: str) -> bool:
 def problems(root: Path, text: str | None = None) -> list[str]:
     """How dvc.yaml (or `text`) differs from what each stage imports and reads; [] when it agrees."""
     stages = yaml.safe_load(text if text is not None else (root / "dvc.yaml").read_text())["stages"]
+    if text is None:  # and the opt-in stages' own dvc.yaml files (paths relative to the root: `wdir: ..`)
+        for extra in layout.OPTIONAL_STAGES:
+            if (root / extra / "dvc.yaml").is_file():
+                stages.update(yaml.safe_load((root / extra / "dvc.yaml").read_text())["stages"])
     tree = yaml.safe_load((root / "params.yaml").read_text()) or {}
     dotted = lambda key: tuple(key.split("."))  # noqa: E731
     out = [f"core.deps.PLUMBING names {m}, which is no module here" for m in PLUMBING if not module_file(root, m)]

@@ -16,6 +16,8 @@ from ..errors import PipelineError
 #: All stages in pipeline order. Later issues insert theirs before "report".
 STAGES: tuple[str, ...] = ("prepare", "pretrain", "evaluate", "export", "latency", "prepare_dense",
                            "finetune_coco", "finetune_ade20k", "report")
+#: Stages off the default `dvc repro` (their own dvc.yaml in a folder of that name), with no upstream stage.
+OPTIONAL_STAGES: tuple[str, ...] = ("field",)
 
 
 def repo_root() -> Path:

@@ -9,6 +9,8 @@ Adding one: a `Backend` entry here and its name in `pipeline.config.deploy`'s
 
 - `torch`: the deploy-form network (fused, eval) on the CPU, or CUDA when present.
 - `onnxruntime`: the `.onnx` file, CPU execution provider.
+- `executorch`: the `.pte` file (XNNPACK delegate) with ExecuTorch's runtime on
+  the CPU, as an Android or iOS app runs it (`pipeline.deploy.executorch`).
 - `mac`: Core ML predict of the `.mlpackage` on the macOS host.
 - `iphone`: Core ML predict on a connected iPhone through the macOS host, with
   coremltools' experimental remote-device API: `remote_device.Device` lists the
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
+
+from ..errors import PipelineError
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
 TEAM_ENV, PROFILE_ENV, BUNDLE_ENV = "IFORMER_SIGNING_TEAM", "IFORMER_PROVISIONING_PROFILE", "IFORMER_BUNDLE_ID"
@@ -80,6 +84,13 @@ def host() -> dict:
             "python": platform.python_version()}
 
 
+def check_threads(threads: int, field: str) -> None:
+    """`field` (a thread count) must not exceed this machine's CPUs (more only makes the threads wait on each other)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads > cpus:
+        raise PipelineError(f"{field}: {threads} is more than the {cpus} CPUs this machine gives the stage")
+
+
 def host_label(ran_on: dict) -> str:
     """What timed a latency figure, in a table cell: `Intel Xeon ..., 2 threads` or `iPhone 13, Core ML ALL`."""
     device = str(ran_on.get("device", "unknown device")).removeprefix("CPU: ")
@@ -119,6 +130,15 @@ def run_onnxruntime(path: Path, size: int, runs: int, warmup: int, threads: int)
     ran = {"device": f"CPU: {cpu_name()}", "threads": threads, "precision": "fp32",
            "provider": sess.get_providers()[0], "versions": {"onnxruntime": ort.__version__}}
     return samples, ran
+
+
+def run_executorch(path: Path, size: int, runs: int, warmup: int, threads: int) -> tuple[list[float], dict]:
+    from . import executorch
+
+    reason = executorch.available()
+    if reason:
+        raise Skipped(reason)
+    return executorch.run(path, size, runs, warmup, threads, time_calls, cpu_name())
 
 
 # -- Core ML on the Mac and on an iPhone ---------------------------------------------
@@ -263,6 +283,8 @@ class Subject(Protocol):
 
     def onnx_file(self) -> Path: ...
 
+    def executorch_file(self) -> Path: ...  # a `.pte` (XNNPACK delegate); raises Skipped if there is none
+
     def coreml_package(self, into: Path) -> Path: ...  # an unpacked `.mlpackage`
 
 
@@ -290,6 +312,8 @@ BACKENDS: dict[str, Backend] = {
     "torch": Backend(lambda s, lat, ctx: run_torch(s.torch_module(), s.size, lat.runs, lat.warmup, lat.threads)),
     "onnxruntime": Backend(lambda s, lat, ctx: run_onnxruntime(s.onnx_file(), s.size, lat.runs, lat.warmup,
                                                                lat.threads), short="ort"),
+    "executorch": Backend(lambda s, lat, ctx: run_executorch(s.executorch_file(), s.size, lat.runs, lat.warmup,
+                                                             lat.threads), short="et"),
     "mac": Backend(lambda s, lat, ctx: run_coreml(s.coreml_package(ctx.workdir / "mac"), lat.runs, lat.warmup,
                                                   lat.compute_units, ctx.apple), macos=True),
     "iphone": Backend(lambda s, lat, ctx: run_coreml(s.coreml_package(ctx.workdir / "iphone"), lat.runs, lat.warmup,
@@ -301,6 +325,10 @@ BACKENDS: dict[str, Backend] = {
 def measure(name: str, subjects: dict[str, Subject], lat, ctx: Context) -> tuple[dict[str, dict], dict]:
     """({model: summary + samples}, what ran them) for each of `subjects` on backend `name`; raises Skipped."""
     backend = BACKENDS[name]
+    if backend.macos and ctx.apple.real:  # before any model is converted for it
+        reason = mac_host_problem(name)
+        if reason:
+            raise Skipped(reason)
     ctx.device = backend.open(lat, ctx)
     results, ran = {}, {}
     for model, subject in subjects.items():

@@ -8,7 +8,10 @@ exported from one `torch.export` program of its deploy form
 
 - `<name>.mlpackage.zip`: Core ML ML Program (interface checked from the saved
   spec; predictions checked against torch on macOS, skipped elsewhere);
-- `<name>.onnx`: checked against torch with ONNX Runtime in FP32.
+- `<name>.onnx`: checked against torch with ONNX Runtime in FP32;
+- `<name>.pte` (with `export.executorch.enabled`): ExecuTorch with the XNNPACK
+  delegate, checked against torch with ExecuTorch's runtime in FP32; its census
+  says what was delegated and what stayed on the portable kernels.
 
 `census.json` holds the op census of every ML Program and, on macOS, its
 compute-plan summary; `metrics/export.json` the headline census figures
@@ -33,7 +36,7 @@ from ..core import checkpoint, console, integrity, layout
 from ..core.outputs import Outputs
 from ..errors import PipelineError
 from ..tracking.runs import StageRun
-from . import census, compute_plan, coreml, onnx
+from . import census, compute_plan, coreml, executorch, onnx
 
 log = logging.getLogger(__name__)
 STAGE = "export"
@@ -74,6 +77,8 @@ def check(cfg: Config, root: Path) -> Inputs:
     newest = onnx_lib.defs.onnx_opset_version()
     if cfg.export.onnx.opset > newest:
         raise PipelineError(f"export.onnx.opset: {cfg.export.onnx.opset} is newer than this onnx package knows ({newest})")
+    if cfg.export.executorch.enabled and executorch.available():
+        raise PipelineError(f"export.executorch.enabled: {executorch.available()}")
     return Inputs(weights, path, prepared.classes, targets(cfg, int(weights["image_size"])))
 
 
@@ -121,6 +126,13 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
         onnx_info = onnx.export(program, module, example, out / f"{target.name}.onnx", ecfg.onnx.opset,
                                 coreml.INPUT, names)
     onnx_diff = onnx.max_abs_diff(out / f"{target.name}.onnx", example, ref, ecfg.onnx.tolerance)
+    pte = {}
+    if ecfg.executorch.enabled:
+        with console.to_log(chatter_log):
+            et_census = executorch.export(program, out / f"{target.name}.pte")
+        pte = {"executorch": f"{target.name}.pte", "executorch_census": et_census,
+               "executorch_max_abs_diff": executorch.max_abs_diff(out / f"{target.name}.pte", example, ref,
+                                                                  ecfg.executorch.tolerance)}
 
     labels = inputs.classes if (ecfg.coreml.class_labels and target.kind == "classifier") else None
     image = ecfg.coreml.input == "image"
@@ -152,7 +164,7 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
         "coreml": zipped.name, "onnx": f"{target.name}.onnx",
         "coreml_interface": interface, "coreml_predict_check": predict,
         "onnx_export": onnx_info, "onnx_max_abs_diff": onnx_diff,
-        "census": ops, "compute_plan": plan, **(window(cfg) if target.kind == "backbone" else {}),
+        "census": ops, "compute_plan": plan, **pte, **(window(cfg) if target.kind == "backbone" else {}),
     }
 
 
@@ -197,7 +209,8 @@ def attach_to_registry(cfg: Config, root: Path, srun: StageRun, models: dict) ->
     trained_by = (read_stage_manifest("pretrain", root) or {}).get("mlflow_run_id")
     if not trained_by:  # weights put in place by hand: no registered version to attach to
         return
-    files = {f: f"runs:/{srun.run_id}/export/{f}" for m in models.values() for f in (m["coreml"], m["onnx"])}
+    files = {m[k]: f"runs:/{srun.run_id}/export/{m[k]}" for m in models.values() for k in ("coreml", "onnx", "executorch")
+             if k in m}
     version = registry.attach(srun.client(), cfg, trained_by, files)
     if version:
         log.info("attached %d files to %s version %s", len(files), registry.model_name(cfg), version)
@@ -212,7 +225,8 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     failed_log.unlink(missing_ok=True)
     models = export_all(cfg, inputs, out, failed_log)
     for m in models.values():  # what the latency stage verifies before it times them
-        m.update({f"{key}_sha256": integrity.sha256(out / m[key]) for key in ("onnx", "coreml")})
+        m.update({f"{key}_sha256": integrity.sha256(out / m[key]) for key in ("onnx", "coreml", "executorch")
+                  if key in m})
     (out / "census.json").write_text(json.dumps(
         {n: {"census": m["census"], "compute_plan": m["compute_plan"]} for n, m in models.items()}, indent=2) + "\n")
     metrics = {n: {**census.headline(m["census"]), "onnx_max_abs_diff": max(m["onnx_max_abs_diff"].values())}
@@ -222,6 +236,8 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     flat = {f"census.{n}.{k}": v for n, m in metrics.items() for k, v in m.items() if k != "onnx_max_abs_diff"}
     flat.update({f"onnx_max_abs_diff.{n}": m["onnx_max_abs_diff"] for n, m in metrics.items()})
     flat.update({f"export_seconds.{n}": m["seconds"] for n, m in models.items()})
+    flat.update({f"executorch.{n}.{k}": m["executorch_census"][k] for n, m in models.items() if "executorch" in m
+                 for k in ("delegated_subgraphs", "portable_ops")})
     for n, m in models.items():
         if "skipped" not in m["compute_plan"]:
             flat.update({f"compute_plan.{n}.{k}_cost_share": v for k, v in m["compute_plan"]["cost_share"].items()})
@@ -235,6 +251,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
                      weights_sha256=checkpoint.sha256(inputs.weights_path),
                      coreml={"target": ecfg.coreml.target, "precision": ecfg.coreml.precision,
                              "input": ecfg.coreml.input, "class_labels": ecfg.coreml.class_labels},
-                     onnx={"opset": ecfg.onnx.opset, "tolerance": ecfg.onnx.tolerance})
+                     onnx={"opset": ecfg.onnx.opset, "tolerance": ecfg.onnx.tolerance},
+                     executorch={"enabled": ecfg.executorch.enabled, "tolerance": ecfg.executorch.tolerance})
     outputs.commit()
     log.info("%d models (%s) as Core ML and ONNX -> %s", len(models), ", ".join(models), outputs.final)

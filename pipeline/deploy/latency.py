@@ -46,7 +46,7 @@ class Inputs:
 
 def check(cfg: Config, root: Path) -> Inputs:
     lat = cfg.latency
-    check_threads(lat.threads)
+    backends.check_threads(lat.threads, "latency.threads")
     export_dir = layout.stage_dir("export", root)
     manifest = read_stage_manifest("export", root)
     if manifest is None:
@@ -56,7 +56,9 @@ def check(cfg: Config, root: Path) -> Inputs:
     if unknown:
         raise PipelineError(f"latency.models: {', '.join(unknown)} not exported; exported: {', '.join(exported)}")
     for name in lat.models:
-        for key in ("onnx", "coreml"):
+        for key in ("onnx", "coreml", "executorch"):
+            if key == "executorch" and key not in exported[name]:
+                continue  # exported without it: the executorch backend says so as its skip reason
             if not (export_dir / exported[name][key]).is_file():
                 raise PipelineError(f"{export_dir / exported[name][key]}: missing; rerun the export stage")
             integrity.verify(export_dir / exported[name][key], exported[name].get(f"{key}_sha256"), "export")
@@ -77,13 +79,6 @@ def check(cfg: Config, root: Path) -> Inputs:
         except Skipped as err:
             raise PipelineError(f"latency.require: iphone: {err}") from None
     return Inputs(export_dir, {m: exported[m] for m in lat.models}, weights)
-
-
-def check_threads(threads: int) -> None:
-    """`latency.threads` must not exceed this machine's CPUs (more only makes the threads wait on each other)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if threads > cpus:
-        raise PipelineError(f"latency.threads: {threads} is more than the {cpus} CPUs this machine gives the stage")
 
 
 def _torch_module(entry: dict, weights: dict):
@@ -113,6 +108,11 @@ class Exported:
 
     def onnx_file(self) -> Path:
         return self.export_dir / self.entry["onnx"]
+
+    def executorch_file(self) -> Path:
+        if "executorch" not in self.entry:
+            raise Skipped("no .pte was exported (set export.executorch.enabled and rerun the export stage)")
+        return self.export_dir / self.entry["executorch"]
 
     def coreml_package(self, into: Path) -> Path:
         from .coreml import unzip_package

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from iformer.reference import BASELINES, PAPER, TABLE18
 
+from ..core.fronts import pareto_front
 from .history import classifier_latency
 
 
@@ -40,20 +41,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (as fast and as accurate, and better in one).
-
-    Equal points (two runs of one model scoring the same) are all on the front.
-    """
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, last = [], None
-    for i in order:
-        if last is None or points[i][1] > last[1] or points[i] == last:
-            front.append(i)
-            last = points[i]
-    return front
 
 
 def label_offsets(points: list[tuple[float, float]], near: tuple[float, float]) -> list[int]:

@@ -95,7 +95,7 @@ def within_budget(cfg: Config, timed: dict[str, dict]) -> list[str]:
 
 def front(rows: list[dict], metric: str) -> list[dict]:
     """The trials no other trial beats on both lower latency and higher `metric`, fastest first."""
-    from ..report.figures import pareto_front
+    from ..core.fronts import pareto_front
 
     scored = [r for r in rows if r.get("latency_ms") is not None and r.get(metric) is not None]
     idx = pareto_front([(r["latency_ms"], r[metric]) for r in scored])

@@ -16,7 +16,7 @@ from ..config import Config, parse_config
 from ..config.apply import with_dotted
 from ..config.sweep import SPACE_FIELDS
 from ..core import layout
-from ..deploy.latency import check_threads
+from ..deploy.backends import check_threads
 from ..errors import PipelineError
 from ..tracking import invocation, runs
 from ..tracking.metrics import metric_batch
@@ -52,7 +52,7 @@ def check(cfg: Config, root: Path) -> Prepared:
             raise PipelineError(f"sweep.space.batch_size: {candidate.train.batch_size} is larger than the "
                                 f"{prepared.manifest['counts']['train']} training images")
     if cfg.sweep.latency.backend:
-        check_threads(cfg.latency.threads)  # the sweep times variants with latency.threads
+        check_threads(cfg.latency.threads, "latency.threads")  # the sweep times variants with latency.threads
     cluster.check(cfg)
     return prepared
 

@@ -230,7 +230,7 @@ def _link_upstream(client, exp_id: str, parent_id: str, stage: str, cfg, root: P
     kids = _children(client, exp_id, parent_id)
     ran = {r.data.tags.get(TAG_STAGE) for r in kids if TAG_LINKED_FROM not in r.data.tags
            and r.info.status == "FINISHED" and r.data.tags.get("iformer.params_hash") == cfg.params_hash()}
-    earlier = layout.STAGES[: layout.STAGES.index(stage)]
+    earlier = layout.STAGES[: layout.STAGES.index(stage)] if stage in layout.STAGES else ()
     current = (ran | {r.data.tags.get(TAG_STAGE) for r in kids if TAG_LINKED_FROM in r.data.tags}) - {
         r.data.tags.get(TAG_STAGE) for r in kids if TAG_STALE_UPSTREAM in r.data.tags}
     if set(earlier) <= current:  # each ran here on current outputs, or was vouched for here: nothing to ask DVC
