@@ -34,20 +34,22 @@ from .backends import Skipped
 log = logging.getLogger(__name__)
 
 
-def deploy_network(name: str):
+def deploy_network(name: str, num_classes: int = 1000):
     """The timm network `name` (or the weights file at that path) in deployment form, eval."""
     import timm
     from timm.utils.model import reparameterize_model
 
     from iformer.export import deploy_form, explicit_attention
+    from iformer.distill import IFORMER_VARIANTS
+    from iformer.models import build_model
 
     if name.endswith((".pt", ".pth")) and Path(name).is_file():
         from ..core import checkpoint
 
         return deploy_form(checkpoint.build_from_weights(checkpoint.load_weights(Path(name), "weights file")))
-    model = timm.create_model(name, pretrained=False).eval()
-    if hasattr(model, "fuse") and name.startswith("iformer"):
-        return deploy_form(model)
+    if name in IFORMER_VARIANTS:  # the official configuration (layer scale as the paper's Table 15)
+        return deploy_form(build_model(name, num_classes))
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes).eval()
     return explicit_attention(reparameterize_model(model).eval())
 
 
@@ -58,13 +60,15 @@ class Network:
     name: str
     size: int
     workdir: Path
+    num_classes: int = 1000
+    opset: int = 18
     _module: object = None
     _program: object = None
     _files: dict = field(default_factory=dict)
 
     def torch_module(self):
         if self._module is None:
-            self._module = deploy_network(self.name)
+            self._module = deploy_network(self.name, self.num_classes)
         return self._module
 
     def _example(self):
@@ -91,7 +95,7 @@ class Network:
         from . import onnx
 
         return self._file("onnx", lambda p: onnx.export(self._export(), self.torch_module(), self._example(), p,
-                                                        18, "image", ["output"]))
+                                                        self.opset, "image", ["output"]))
 
     def executorch_file(self) -> Path:
         from . import executorch

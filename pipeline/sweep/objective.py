@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import Config
-from ..deploy import backends
-from ..deploy.backends import Skipped
+from ..deploy import backends, bench
 from ..errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -29,38 +28,9 @@ def variants(cfg: Config) -> list[str]:
     return list(cfg.sweep.space.variant) or [cfg.model.variant]
 
 
-class Untrained:
-    """A variant's deploy form, untrained, as the latency backends time it (a `deploy.backends.Subject`)."""
-
-    def __init__(self, variant: str, num_classes: int, size: int, opset: int, workdir: Path):
-        from iformer.export import deploy_form
-        from iformer.models import build_model
-
-        self.variant, self.size, self.opset, self.workdir = variant, size, opset, workdir
-        self.module = deploy_form(build_model(variant, num_classes))
-
-    def torch_module(self):
-        return self.module
-
-    def onnx_file(self) -> Path:
-        import torch
-
-        from ..deploy import onnx
-
-        example = torch.randn(1, 3, self.size, self.size, generator=torch.Generator().manual_seed(0))
-        path = self.workdir / f"{self.variant}-{self.size}.onnx"
-        with torch.no_grad():
-            onnx.export(torch.export.export(self.module, (example,)), self.module, example, path, self.opset,
-                        "image", ["logits"])
-        return path
-
-    def coreml_package(self, into: Path) -> Path:
-        raise Skipped("the sweep times torch and ONNX Runtime only (sweep.latency.backend)")
-
-
 def time_variant(variant: str, num_classes: int, cfg: Config, workdir: Path) -> dict:
     """Median/p90 ms (and how it ran) of `variant`'s deploy form on `sweep.latency.backend`."""
-    subject = Untrained(variant, num_classes, cfg.sweep.latency.size, cfg.export.onnx.opset, workdir)
+    subject = bench.Network(variant, cfg.sweep.latency.size, workdir, num_classes, cfg.export.onnx.opset)
     results, ran = backends.measure(cfg.sweep.latency.backend, {variant: subject}, cfg.latency,
                                     backends.Context(workdir))
     return {**{k: v for k, v in results[variant].items() if k != "samples"}, "ran_on": ran}
