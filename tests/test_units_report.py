@@ -101,3 +101,20 @@ def test_a_dense_sample_says_which_half_is_ground_truth(tmp_path):
     left, right = strip.crop((0, 0, 256, 18)), strip.crop((256, 0, 512, 18))
     assert left.getextrema() != ((255, 255),) * 3 and right.getextrema() != ((255, 255),) * 3, "both halves captioned"
     assert img.getpixel((10, 100)) == (0, 0, 0), "the picture below, enlarged"
+
+
+def test_the_report_shows_the_measured_field_only_once_it_has_run():
+    from pipeline.report.compare import field_section
+
+    assert field_section(None, None) == [] and field_section({"backends": {}}, None) == []
+    field = {"backends": {
+        "onnxruntime": {"front": ["mobilenetv3_large_075", "iformer_t"], "iformer_on_front": ["iformer_t"],
+                        "spearman_vs_iphone13": 0.4166, "pairs": 27, "timed": 27},
+        "executorch": {"front": [], "iformer_on_front": [], "spearman_vs_iphone13": None, "pairs": 0, "timed": 0}}}
+    text = "\n".join(field_section(field, {"mlflow_run_id": "abc123"}))
+    assert "MLflow run `abc123`" in text
+    assert ("- **onnxruntime**: front mobilenetv3_large_075, iformer_t; iFormer on it: iformer_t; "
+            "Spearman vs iPhone 13 0.42 over 27 networks") in text
+    assert "![measured front on onnxruntime](field_front_onnxruntime.png)" in text
+    assert "- **executorch**: front none; iFormer on it: none; Spearman vs iPhone 13 n/a over 0 networks" in text
+    assert "field_front_executorch.png" not in text  # nothing timed, no figure

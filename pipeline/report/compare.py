@@ -119,3 +119,24 @@ def pareto_section(backend: str, image: str, points: list[dict], rows: list[dict
     return ["", f"### Accuracy vs latency: {backend}", "", f"![accuracy vs latency on {backend}]({image})", "",
             f"Left: our runs measured on `{backend}` ({hosts}), Pareto front: {', '.join(front) or '–'}. Right: the "
             "paper's Tables 3 and 18 (iPhone 13, Core ML, ImageNet-1K), reference figures not measured here."]
+
+
+def field_section(field: dict | None, manifest: dict | None) -> list[str]:
+    """The measured field (`make field`), when it has run: per backend its front and rank agreement.
+
+    Not an input DVC tracks for the report (the field is off the default `dvc repro`): the
+    section names the field's own MLflow run so a reader can tell which measurement it shows.
+    """
+    if not field or not manifest:
+        return []
+    lines = ["", "## The measured field (the paper's networks timed on this host)", "",
+             f"From `make field` (MLflow run `{manifest.get('mlflow_run_id')}`; rerun `make report` after it to refresh "
+             "this section). Top-1 is the paper's; latency is ours, batch 1. Every row: `artifacts/field/field.md`.", ""]
+    for b, s in field["backends"].items():
+        rho = s.get("spearman_vs_iphone13")
+        lines += [f"- **{b}**: front {', '.join(s['front']) or 'none'}; iFormer on it: "
+                  f"{', '.join(s['iformer_on_front']) or 'none'}; Spearman vs iPhone 13 "
+                  f"{'n/a' if rho is None else f'{rho:.2f}'} over {s['pairs']} networks"]
+        if s["timed"]:
+            lines += ["", f"![measured front on {b}](field_front_{b}.png)", ""]
+    return lines

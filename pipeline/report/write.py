@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from ..config import Config
-from ..core import console
-from ..core.outputs import Outputs
+from ..core import console, layout
+from ..core.outputs import Outputs, read_stage_manifest
 from ..tracking import baseline
 from ..tracking.invocation import git_commit
 from ..tracking.runs import StageRun
 from . import compare, figures, history, page
 from .sections import Inputs, build
+
+
+def field_section(root: Path, out: Path) -> list[str]:
+    """The measured field's summary and figures, copied beside the report, if `make field` has run."""
+    field_dir = layout.stage_dir("field", root)
+    manifest = read_stage_manifest("field", root)
+    if not manifest or not (field_dir / "field.json").is_file():
+        return []
+    for png in field_dir.glob("front_*.png"):
+        shutil.copy(png, out / f"field_{png.name}")
+    return compare.field_section(json.loads((field_dir / "field.json").read_text()), manifest)
 
 
 def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
@@ -46,6 +58,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
         extra += compare.pareto_section(backend, image, points, rows)
     extra += compare.dense_table(rows) + compare.census_table(rows)
     extra += compare.paper_table(r["variant"] for r in rows if r["variant"])
+    extra += field_section(root, out)
     head, _, rest = markdown.partition("\n## ")
     markdown = head + "\n".join(extra) + "\n\n## " + rest if rest else head + "\n".join(extra) + "\n"
     summary.update(identity={"experiment": cfg.mlflow.experiment, "commit": git_commit(root),
