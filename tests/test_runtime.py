@@ -316,18 +316,19 @@ def test_sigkilled_stage_takes_its_ray_along_and_the_rerun_resumes_in_the_same_r
         assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, open: with the single training worker killed, the stage sometimes hangs until the "
-    "test's 300 s limit, and sometimes training finishes as if nothing died (seen under load on "
-    "2 cores); it passes on a quiet machine"))
 def test_a_dead_training_worker_ends_in_one_error_line(fast_repo):
     repo = fast_repo
+    # Killed while it trains (after epoch 1's checkpoint, with epochs left). A worker that dies while
+    # Ray is still starting the group is Ray's to start again (Train V2 retries a failed group start
+    # without limit: FailureConfig.controller_failure_limit -1), and the run then trains to the end:
+    # killed that early, this test once saw a clean finish.
+    repo.set_params({"train": {"epochs": 6}})
     with training(repo) as stage:
+        wait_for(lambda: latest_checkpoint(repo.path / "ray_results") >= 1, 600, "the first epoch's checkpoint")
         # The worker actor's own process: a process it starts (a forked helper) carries its title too,
         # and killing that one would leave training running.
         titled = [p for p in _descendants(stage.pid) if _cmdline(p).startswith("ray::RayTrainWorker")]
         worker = next(p for p in titled if p.ppid() not in {q.pid for q in titled})
-        time.sleep(2)
         worker.kill()
         _, err = stage.communicate(timeout=300)
     assert stage.returncode == 2, err[-3000:]

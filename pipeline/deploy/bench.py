@@ -1,7 +1,6 @@
-"""Time any network through the deployment path, without training.
+"""`python -m pipeline.deploy.bench MODEL...`: time any network through the deployment path, untrained.
 
-`python -m pipeline.deploy.bench MODEL... --backends onnxruntime,torch,executorch`
-builds each timm network (or a weights file of ours) in its deployment form,
+With `--backends onnxruntime,torch,executorch` (the default) it builds each timm network (or a weights file of ours) in its deployment form,
 exports it the way the export stage exports iFormer (one `torch.export`
 program to ONNX, ExecuTorch and Core ML) and times it on each backend through
 `pipeline.deploy.backends`, the registry the latency stage and the sweep use,
