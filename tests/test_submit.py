@@ -46,7 +46,9 @@ def test_a_submitted_repro_succeeds_and_its_results_come_back(tmp_path, cluster)
 
 
 def test_a_failing_job_exits_non_zero(tmp_path, cluster):
-    repo = cluster_repo(tmp_path / "repo", cluster, {"train": {"batch_size": 100000}})
+    # Valid params (the batch is within the schema's bound, checked before submission) that the stage
+    # refuses on the cluster: a batch larger than the 1,437 training images it prepares there.
+    repo = cluster_repo(tmp_path / "repo", cluster, {"train": {"batch_size": 4096}})
     out = repo.run(sys.executable, "-m", "pipeline.submit", "--", "dvc", "repro", "pretrain",
                    env=submit_env(repo, cluster), check=False, timeout=600)
     assert out.returncode == 1, out.stderr[-3000:]
