@@ -59,6 +59,7 @@ def test_a_front_on_measured_latencies():
     assert {m["model"]: m["moved"] for m in s["moved_most"]} == {"a": -1, "iformer_t": 1, "b": 0}
 
 
+@pytest.mark.slow  # three exporters for two networks: ~40 s, past the fast tier's budget
 def test_two_networks_export_and_time_on_onnxruntime_torch_and_executorch(tmp_path):
     names = ["onnxruntime", "torch", "executorch", "mac"]
     rows = bench.time_all([(m, 224) for m in SMALL], names, bench.Settings(runs=3, warmup=1), tmp_path)
