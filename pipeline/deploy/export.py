@@ -32,7 +32,7 @@ import torch
 
 from ..classify.datasets import Prepared
 from ..config import Config
-from ..core import checkpoint, console, integrity, layout
+from ..core import checkpoint, console, integrity, layout, lifecycle
 from ..core.outputs import Outputs
 from ..errors import PipelineError
 from ..tracking.runs import StageRun
@@ -180,6 +180,7 @@ def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict
         except PipelineError:
             raise
         except Exception as err:  # a network coremltools or the exporter cannot take: keep what they said
+            lifecycle.raise_if_stopping()  # unless a stop signal broke it (a library turned it into its own error)
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise PipelineError(f"{t.name}: export failed: {type(err).__name__}: {first} "
                                 f"({keep_log(out / 'convert.log', failed_log)})") from None
