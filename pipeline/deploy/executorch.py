@@ -14,9 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import PipelineError
+from . import numerics
 
 #: The call that runs a delegated subgraph in the lowered program.
 DELEGATE_CALL = "executorch_call_delegate"
@@ -74,15 +72,10 @@ def set_threads(threads: int) -> None:
 
 
 def max_abs_diff(path: Path, example, reference: list, tolerance: float) -> dict[str, float]:
-    """ExecuTorch vs torch on `example`, per output; above `tolerance` of the output's scale is an error."""
-    got = [np.asarray(o) for o in _method(path).execute([example])]
-    diffs = {f"output{i}": float(np.abs(g - r.numpy()).max()) for i, (g, r) in enumerate(zip(got, reference))}
-    scale = {f"output{i}": max(1.0, float(np.abs(r.numpy()).max())) for i, r in enumerate(reference)}
-    worst = max(diffs[n] / scale[n] for n in diffs) if len(got) == len(reference) else float("inf")
-    if worst > tolerance or not np.isfinite(worst):
-        raise PipelineError(f"{path.name}: ExecuTorch differs from torch by {worst:.3g} of the output's scale "
-                            f"(export.executorch.tolerance {tolerance}): {diffs}")
-    return diffs
+    """ExecuTorch vs torch on `example`, per output (`numerics.max_abs_diff`)."""
+    got = _method(path).execute([example])
+    return numerics.max_abs_diff(path, "ExecuTorch", "export.executorch.tolerance",
+                                 [f"output{i}" for i in range(len(reference))], got, reference, tolerance)
 
 
 def run(path: Path, size: int, runs: int, warmup: int, threads: int, time_calls, cpu: str) -> tuple[list, dict]:

@@ -77,11 +77,14 @@ def check(cfg: Config, root: Path) -> Inputs:
     newest = onnx_lib.defs.onnx_opset_version()
     if cfg.export.onnx.opset > newest:
         raise PipelineError(f"export.onnx.opset: {cfg.export.onnx.opset} is newer than this onnx package knows ({newest})")
-    if cfg.export.executorch.enabled and executorch.available():
-        raise PipelineError(f"export.executorch.enabled: {executorch.available()}")
+    unavailable = cfg.export.executorch.enabled and executorch.available()
+    if unavailable:
+        raise PipelineError(f"export.executorch.enabled: {unavailable}")
     return Inputs(weights, path, prepared.classes, targets(cfg, int(weights["image_size"])))
 
 
+#: The files an exported model's manifest entry may name (executorch only with export.executorch.enabled).
+FILE_KEYS = ("onnx", "coreml", "executorch")
 #: The backbone's window attention settings (IFormerBackbone's arguments), recorded per exported backbone.
 WINDOW_KEYS = ("window_size", "window_chunks", "window_layout", "window_padding")
 
@@ -210,8 +213,7 @@ def attach_to_registry(cfg: Config, root: Path, srun: StageRun, models: dict) ->
     trained_by = (read_stage_manifest("pretrain", root) or {}).get("mlflow_run_id")
     if not trained_by:  # weights put in place by hand: no registered version to attach to
         return
-    files = {m[k]: f"runs:/{srun.run_id}/export/{m[k]}" for m in models.values() for k in ("coreml", "onnx", "executorch")
-             if k in m}
+    files = {m[k]: f"runs:/{srun.run_id}/export/{m[k]}" for m in models.values() for k in FILE_KEYS if k in m}
     version = registry.attach(srun.client(), cfg, trained_by, files)
     if version:
         log.info("attached %d files to %s version %s", len(files), registry.model_name(cfg), version)
@@ -226,8 +228,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     failed_log.unlink(missing_ok=True)
     models = export_all(cfg, inputs, out, failed_log)
     for m in models.values():  # what the latency stage verifies before it times them
-        m.update({f"{key}_sha256": integrity.sha256(out / m[key]) for key in ("onnx", "coreml", "executorch")
-                  if key in m})
+        m.update({f"{key}_sha256": integrity.sha256(out / m[key]) for key in FILE_KEYS if key in m})
     (out / "census.json").write_text(json.dumps(
         {n: {"census": m["census"], "compute_plan": m["compute_plan"]} for n, m in models.items()}, indent=2) + "\n")
     metrics = {n: {**census.headline(m["census"]), "onnx_max_abs_diff": max(m["onnx_max_abs_diff"].values())}

@@ -29,7 +29,7 @@ from ..errors import PipelineError
 from ..tracking.runs import StageRun
 from . import backends
 from .backends import AppleAPI, Skipped
-from .export import WINDOW_KEYS
+from .export import FILE_KEYS, WINDOW_KEYS
 
 log = logging.getLogger(__name__)
 STAGE = "latency"
@@ -56,9 +56,8 @@ def check(cfg: Config, root: Path) -> Inputs:
     if unknown:
         raise PipelineError(f"latency.models: {', '.join(unknown)} not exported; exported: {', '.join(exported)}")
     for name in lat.models:
-        for key in ("onnx", "coreml", "executorch"):
-            if key == "executorch" and key not in exported[name]:
-                continue  # exported without it: the executorch backend says so as its skip reason
+        # onnx and coreml always; a .pte only when exported (without one the executorch backend says why)
+        for key in [k for k in FILE_KEYS if k != "executorch" or k in exported[name]]:
             if not (export_dir / exported[name][key]).is_file():
                 raise PipelineError(f"{export_dir / exported[name][key]}: missing; rerun the export stage")
             integrity.verify(export_dir / exported[name][key], exported[name].get(f"{key}_sha256"), "export")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import PipelineError
+from . import numerics
 
 
 def opset_of(path: Path) -> int:
@@ -52,20 +50,8 @@ def session(path: Path, threads: int | None = None):
 
 
 def max_abs_diff(path: Path, example, reference: list, tolerance: float) -> dict[str, float]:
-    """ONNX Runtime vs torch on `example`, per output: the largest absolute difference.
-
-    An output is judged against `tolerance` scaled by its magnitude (max |torch|,
-    at least 1): deep feature maps of a trained network reach tens, where FP32
-    kernels that sum in another order differ by more than 1e-4 in absolute terms.
-    Above it is an error naming the file.
-    """
+    """ONNX Runtime vs torch on `example`, per output (`numerics.max_abs_diff`)."""
     sess = session(path)
     got = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})
-    names = [o.name for o in sess.get_outputs()]
-    diffs = {n: float(np.abs(g - r.numpy()).max()) for n, g, r in zip(names, got, reference)}
-    scale = {n: max(1.0, float(np.abs(r.numpy()).max())) for n, r in zip(names, reference)}
-    worst = max(diffs[n] / scale[n] for n in names)
-    if worst > tolerance or not np.isfinite(worst):
-        raise PipelineError(f"{path.name}: ONNX Runtime differs from torch by {worst:.3g} of the output's scale "
-                            f"(export.onnx.tolerance {tolerance}): {diffs}")
-    return diffs
+    return numerics.max_abs_diff(path, "ONNX Runtime", "export.onnx.tolerance", [o.name for o in sess.get_outputs()],
+                                 got, reference, tolerance)

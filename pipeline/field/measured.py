@@ -71,13 +71,18 @@ def check(cfg: Config, root: Path) -> Inputs:
     return Inputs([(n, paper.get(n, {}).get("size", 224)) for n in names], paper)
 
 
+def latency(row: dict, backend: str | None) -> float | None:
+    """The row's median ms on `backend`, or the paper's iPhone 13 figure for None; None if there is none."""
+    return row["backends"].get(backend, {}).get("median") if backend else row.get("iphone13_ms")
+
+
 def backend_summary(rows: list[dict], backend: str) -> dict:
     """The measured front and the rank agreement with the paper's iPhone 13 on one backend."""
-    timed = [r for r in rows if "median" in r["backends"].get(backend, {}) and r.get("paper_top1") is not None]
-    pts = [(r["backends"][backend]["median"], r["paper_top1"]) for r in timed]
+    timed = [r for r in rows if latency(r, backend) is not None and r.get("paper_top1") is not None]
+    pts = [(latency(r, backend), r["paper_top1"]) for r in timed]
     front = [timed[i]["model"] for i in pareto_front(pts)]
-    both = [r for r in timed if r.get("iphone13_ms") is not None]
-    ours, phone = [r["backends"][backend]["median"] for r in both], [r["iphone13_ms"] for r in both]
+    both = [r for r in timed if latency(r, None) is not None]
+    ours, phone = [latency(r, backend) for r in both], [latency(r, None) for r in both]
     ro, rp = ranks(ours), ranks(phone)
     moves = sorted(({"model": r["model"], "rank_here": a, "rank_iphone13": b, "moved": a - b}
                     for r, a, b in zip(both, ro, rp)), key=lambda m: -abs(m["moved"]))
@@ -96,9 +101,7 @@ def plot_front(rows: list[dict], backend: str, summary: dict, path: Path) -> Non
     fig, panels = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key, title in ((panels[0], backend, f"measured here: {backend} (ms, batch 1)"),
                            (panels[1], None, "paper: iPhone 13, Core ML (ms)")):
-        got = [(r, r["backends"][key]["median"] if key else r.get("iphone13_ms")) for r in rows
-               if r.get("paper_top1") is not None and (r["backends"].get(key, {}).get("median") if key
-                                                       else r.get("iphone13_ms")) is not None]
+        got = [(r, latency(r, key)) for r in rows if r.get("paper_top1") is not None and latency(r, key) is not None]
         pts = [(lat, r["paper_top1"]) for r, lat in got]
         iformer = [r["model"].startswith("iformer") for r, _ in got]
         for flag, style in ((False, dict(color="0.45", marker="s", s=20, label="other networks (Table 3)")),
