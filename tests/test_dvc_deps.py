@@ -127,11 +127,17 @@ def test_a_section_chosen_at_run_time_needs_its_stage_named(project, monkeypatch
 
 # -- DVC itself, on a copy of the repo ------------------------------------------------------------
 def _placeholders(repo) -> None:
-    """Every stage's outputs as stand-in files, committed to DVC as if each stage had run."""
-    stages = yaml.safe_load((repo.path / "dvc.yaml").read_text())["stages"]
-    for spec in stages.values():
+    """Every stage's outputs as stand-in files, committed to DVC as if each stage had run.
+
+    `dvc commit` takes every dvc.yaml in the repo, so the optional field stage (field/dvc.yaml,
+    paths relative to its wdir) gets its stand-ins too."""
+    specs = []
+    for dvc_yaml in (repo.path / "dvc.yaml", repo.path / "field" / "dvc.yaml"):
+        for spec in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+            specs.append((dvc_yaml.parent / spec.get("wdir", "."), spec))
+    for wdir, spec in specs:
         for entry in [*spec.get("outs", []), *spec.get("metrics", []), *spec.get("plots", [])]:
-            path = repo.path / (entry if isinstance(entry, str) else next(iter(entry)))
+            path = wdir / (entry if isinstance(entry, str) else next(iter(entry)))
             if path.suffix in (".json", ".csv"):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("{}\n")
@@ -171,6 +177,18 @@ def test_dvc_reruns_the_stages_whose_code_or_params_changed(tmp_path):
     _edit(repo, "pipeline/core/console.py", '"""What a stage shows', '"""What the stage shows')
     _edit(repo, "pipeline/exps.py", '"""`python -m pipeline.exps`', '"""`python -m pipeline.exps` ')
     assert _changed(repo) == set()
+
+    # The optional field stage (field/dvc.yaml) reruns with the deployment code it times, and
+    # alone when only its own section changes.
+    field = "field/dvc.yaml:field"
+    _edit(repo, "pipeline/deploy/executorch.py", 'DELEGATE_CALL = "executorch_call_delegate"',
+          'DELEGATE_CALL = "executorch_call_delegate"  # edited')
+    changed = _changed(repo)
+    assert {"export", "latency", field} <= changed and not {"pretrain", "evaluate"} & changed, changed
+    repo.git("checkout", "--", "pipeline/deploy/executorch.py")
+    repo.set_params({"field": {"runs": 7}})
+    assert _changed(repo) == {field}
+    repo.git("checkout", "--", "params.yaml")
 
     # Renaming the MLflow experiment reruns nothing; a training knob reruns pretrain, not the dense stages.
     repo.set_params({"mlflow": {"experiment": "renamed"}})
