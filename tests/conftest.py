@@ -14,8 +14,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The 2-node loopback cluster and its MLflow server, one for the session (`cluster_fixture.cluster`).
-pytest_plugins = ["cluster_fixture"]
+# The 2-node loopback cluster and its MLflow server, one for the session (`cluster_fixture.cluster`);
+# `leaks`: no Ray daemon outlives the test module that started it.
+pytest_plugins = ["cluster_fixture", "leaks"]
 
 
 def pytest_collection_modifyitems(items):

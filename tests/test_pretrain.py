@@ -108,3 +108,47 @@ def test_amp_bf16_and_channels_last_step_on_cpu():
     assert not c.scaler.is_enabled(), "GradScaler is for fp16 on CUDA only"
     changed = [k for k, v in c.bare.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert changed
+
+
+def _tiny_run(overrides: dict, images: torch.Tensor, labels: torch.Tensor):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.config import Config
+    from pipeline.classify.worker import build_components
+
+    cfg = Config.model_validate({"data": {"image_size": 32}, "train": {"batch_size": 8, "epochs": 1, **overrides}})
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    return cfg, loader, build_components(cfg, 10, torch.device("cpu"), len(loader))
+
+
+def test_a_diverged_loss_stops_the_epoch_at_the_next_log_step():
+    """The loss is read on the host only at log steps; a NaN there is an error, never a result."""
+    from pipeline.classify.worker import train_one_epoch
+
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images[16:] = float("nan")  # the third of four batches diverges
+    cfg, loader, c = _tiny_run({"log_every_batches": 2}, images, torch.zeros(32, dtype=torch.long))
+    with pytest.raises(FloatingPointError, match=r"loss is nan by epoch 0 step 4$"):
+        train_one_epoch(c, loader, cfg, torch.device("cpu"), 0, 0)
+
+
+@pytest.mark.slow
+def test_train_compile_steps_like_eager_on_cpu():
+    """`train.compile` (torch.compile of the training forward) takes the same steps as eager mode."""
+    from pipeline.classify.worker import train_one_epoch
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg, loader, c = _tiny_run({"compile": compiled}, images, labels)
+        assert (c.model is not c.bare) == compiled
+        stats, _ = train_one_epoch(c, loader, cfg, torch.device("cpu"), 0, 0)
+        with torch.no_grad():
+            results[compiled] = (stats["train_loss"], c.bare.eval()(images))
+    # Four steps' mean loss (each step's loss depends on the weights the steps before left) and the
+    # trained networks' outputs. Not the weights one by one: Adam's first step is lr * sign(g), and
+    # rounding flips the sign of near-zero gradients.
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-3, atol=1e-3)

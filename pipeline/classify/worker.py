@@ -93,6 +93,8 @@ def build_components(cfg: Config, num_classes: int, device: torch.device, steps_
     bare = bare.to(device)
     ema = ModelEmaV3(bare, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
     model = wrap(bare)
+    if cfg.train.compile:  # timm's --torchcompile; of the DDP wrapper, whose buckets then split the graph
+        model = torch.compile(model)
     o = cfg.optim
     optimizer = create_optimizer_v2(bare, opt=o.name, lr=cfg.lr, weight_decay=o.weight_decay,
                                     betas=tuple(o.betas), eps=o.eps)
@@ -170,7 +172,8 @@ def train_one_epoch(c: Components, loader: DataLoader, cfg: Config, device: torc
     c.model.train()
     if cfg.train.freeze_bn:
         freeze_batchnorm(c.bare)
-    loss_sum = seen = 0.0
+    # The loss sum stays on the device; the host reads it (one sync) only at log steps.
+    loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
     start = time.perf_counter()
     for i, (images, targets) in enumerate(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -181,8 +184,6 @@ def train_one_epoch(c: Components, loader: DataLoader, cfg: Config, device: torc
         with autocast(cfg, device):
             outputs = c.model(images)
             loss = c.distill(images, outputs, targets) if c.distill is not None else c.criterion(outputs, targets)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {global_step}")
         c.optimizer.zero_grad(set_to_none=True)
         c.scaler.scale(loss).backward()
         if cfg.optim.clip_grad:
@@ -194,13 +195,17 @@ def train_one_epoch(c: Components, loader: DataLoader, cfg: Config, device: torc
         c.scheduler.step_update(num_updates=global_step)
         if c.ema is not None:
             c.ema.update(c.bare, step=global_step)
-        loss_sum += loss.item() * images.shape[0]
+        loss_sum += loss.detach().double() * images.shape[0]
         seen += images.shape[0]
-        if progress is not None and ((i + 1) % cfg.train.log_every_batches == 0 or i + 1 == len(loader)):
-            progress(epoch, i + 1, len(loader), seen / (time.perf_counter() - start), loss_sum / seen,
-                     c.optimizer.param_groups[0]["lr"])
+        if (i + 1) % cfg.train.log_every_batches == 0 or i + 1 == len(loader):  # every rank: all stop together
+            total = loss_sum.item()
+            if not math.isfinite(total):
+                raise FloatingPointError(f"loss is {total} by epoch {epoch} step {global_step}")
+            if progress is not None:
+                progress(epoch, i + 1, len(loader), seen / (time.perf_counter() - start), total / seen,
+                         c.optimizer.param_groups[0]["lr"])
     elapsed = time.perf_counter() - start
-    loss_sum, seen, elapsed_max = _all_sum([loss_sum, seen, elapsed], device)
+    loss_sum, seen, elapsed_max = _all_sum([loss_sum.item(), seen, elapsed], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return {"train_loss": loss_sum / max(seen, 1),
             "img_per_sec": seen / max(elapsed_max / world, 1e-9),

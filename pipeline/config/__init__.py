@@ -130,6 +130,9 @@ class TrainConfig(Section):
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    # torch.compile of the training forward (timm's --torchcompile): a one-off compile for a
+    # faster step; it pays only when the run is long enough (`make bench` P7 measures both).
+    compile: bool = False
     log_every_batches: int = Field(10, gt=0, le=MAX_ITERS)
     checkpoints_to_keep: int = Field(2, gt=0, le=MAX_COUNT)
     # BatchNorm normalises with its running statistics and does not update them

@@ -1,0 +1,34 @@
+"""The benchmarks' own parsing and data plumbing (their figures come from `make bench`, not tests)."""
+from benchmarks import training
+from pipeline.classify.datasets import Prepared
+
+
+def test_timm_epoch_end_lines_give_each_epochs_average_rate():
+    # The format of timm train.py's log line (its f-string, filled in by hand): the last
+    # batch of an epoch shows "(100%)", and the second bracket holds the epoch's average.
+    lines = """
+Train: 0 [   0/22 (  5%)]  Loss: 2.31 (2.31)  Time: 1.234s,   51.86/s  (1.234s,   51.86/s)  LR: 1.000e-06  Data: 0.1 (0.1)
+Train: 0 [  21/22 (100%)]  Loss: 2.10 (2.20)  Time: 0.400s,  160.00/s  (0.500s,  128.00/s)  LR: 2.000e-03  Data: 0.1 (0.1)
+Train: 1 [  21/22 (100%)]  Loss: 1.10 (1.20)  Time: 0.400s,  160.00/s  (0.450s,  142.22/s)  LR: 1.000e-03  Data: 0.1 (0.1)
+"""
+    found = {int(m[1]): float(m[2]) for m in training.EPOCH_END.finditer(lines)}
+    assert found == {0: 128.00, 1: 142.22}
+
+
+def test_steady_leaves_the_first_epoch_out():
+    rows = [{"img_per_sec": 10.0}, {"img_per_sec": 100.0}, {"img_per_sec": 110.0}]
+    assert training.steady(rows) == 105.0 and training.steady(rows[:1]) == 10.0
+
+
+def test_the_prepared_digits_become_an_image_folder_of_links(tmp_path):
+    prep = tmp_path / "prep"
+    (prep / "img").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (prep / "img" / name).write_bytes(b"png")
+    (prep / "train.tsv").write_text("img/a.png\t0\nimg/b.png\t3\n")
+    (prep / "val.tsv").write_text("img/c.png\t3\n")
+
+    folder = training.image_folder(Prepared(prep, {"root": "."}), tmp_path / "folder")
+    links = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    assert links == ["train/0000/000000.png", "train/0003/000001.png", "val/0003/000000.png"]
+    assert (folder / "train/0003/000001.png").resolve() == (prep / "img/b.png").resolve()
