@@ -170,20 +170,28 @@ def test_prepare_dense_rejects_broken_coco_before_any_run(dense_repo, coco):
 
 
 def test_finetune_needs_its_inputs(dense_repo):
-    dense_repo.stage_error("finetune_coco", "run the prepare_dense stage first")
+    from pipeline.config import load_config
+    from pipeline.dense import finetune
+
+    dense_repo.stage_error("finetune_coco", "run the prepare_dense stage first")  # the stage's contract, once
     dense_repo.stage("prepare_dense")
-    dense_repo.stage_error("finetune_ade20k", "segmentation.backbone.checkpoint: ")  # no pretrain weights yet
+
+    def refused(*needles: str) -> None:  # the stage's own check, in-process (a stage start is ~6 s)
+        with pytest.raises(PipelineError) as err:
+            finetune.check_stage("finetune_ade20k")(load_config(dense_repo.path / "params.yaml"), dense_repo.path)
+        assert all(needle in str(err.value) for needle in needles), str(err.value)
+
+    refused("segmentation.backbone.checkpoint: ")  # no pretrain weights yet
     outside = dense_repo.path / "iformer_s.pth"
     torch.save({"model": IFormerBackbone("iformer_s").state_dict()}, outside)
     dense_repo.set_params({"segmentation": {"backbone": {"checkpoint": str(outside)}}})
-    dense_repo.stage_error("finetune_ade20k", "so DVC would not see it change; copy or link it into weights/")
+    refused("so DVC would not see it change; copy or link it into weights/")
     (dense_repo.path / "weights/iformer_s.pth").symlink_to(outside)
     dense_repo.set_params({"segmentation": {"backbone": {"checkpoint": "weights/iformer_s.pth"}}})
-    out = dense_repo.stage_error("finetune_ade20k", "is not an iformer_t checkpoint")
-    assert "segmentation.backbone.checkpoint" in out.stderr
+    refused("is not an iformer_t checkpoint", "segmentation.backbone.checkpoint")
     weights = dense_repo.path / "artifacts/pretrain/model.pt"
     checkpoint.save_weights(weights, IFormerBackbone("iformer_s").state_dict(), variant="iformer_s", num_classes=10,
                             distillation=False, classes=list("0123456789"), image_size=64, mean=(0,) * 3, std=(1,) * 3)
     dense_repo.set_params({"segmentation": {"backbone": {"checkpoint": "artifacts/pretrain/model.pt"}}})
-    dense_repo.stage_error("finetune_ade20k", "holds iformer_s, but model.variant is iformer_t")
+    refused("holds iformer_s, but model.variant is iformer_t")
     assert not (dense_repo.path / "artifacts/finetune_ade20k").exists()
