@@ -197,7 +197,7 @@ def train_one_epoch(c: Components, loader: DataLoader, cfg: Config, device: torc
             c.ema.update(c.bare, step=global_step)
         loss_sum += loss.detach().double() * images.shape[0]
         seen += images.shape[0]
-        if (i + 1) % cfg.train.log_every_batches == 0 or i + 1 == len(loader):  # every rank: all stop together
+        if (i + 1) % cfg.train.log_every_batches == 0 or i + 1 == len(loader):  # every rank, at the same steps
             total = loss_sum.item()
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss is {total} by epoch {epoch} step {global_step}")
