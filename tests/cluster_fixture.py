@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from conftest import wait_for  # noqa: F401 (the cluster tests import it from here)
+from leaks import end, environ, open_paths
 
 VENV_BIN = Path(sys.executable).parent
 MARKER = "IFORMER_TEST_NODE"
@@ -42,13 +43,15 @@ def free_port() -> int:
 def marked(value: str) -> list[psutil.Process]:
     """This machine's processes of the node `value` names (or of every node below it, for the cluster's
     own dir): its marker in their environment, or its temp dir (`value` is that path) on their
-    command line."""
+    command line or in the paths of the files they hold open (a Ray agent's title can wipe its
+    environment and command line, not its open logs)."""
     found = []
     for p in psutil.process_iter():
         try:
-            mark = p.environ().get(MARKER, "")
+            mark = environ(p).get(MARKER, "")  # not p.environ(): Ray's agents' titles wipe its start
             if p.pid != os.getpid() and (mark == value or mark.startswith(value + "/")
-                                         or any(value in a for a in p.cmdline())):
+                                         or any(value in a for a in p.cmdline())
+                                         or any(value in f for f in open_paths(p))):
                 found.append(p)
         except (psutil.Error, OSError):
             continue
@@ -63,18 +66,7 @@ def kill_marked(value: str, grace: float = 10.0) -> None:
         procs = marked(value)
         if not procs:
             return
-        for p in procs:
-            try:
-                p.terminate() if grace > 0 else p.kill()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=max(grace, 1.0))
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        end(procs, grace)
         grace = 0
 
 
