@@ -48,14 +48,16 @@ def parse_environ(raw: bytes) -> dict[str, str]:
 
 
 def orphans(base: str) -> list[psutil.Process]:
-    """Ray processes whose parent is gone (re-parented to init) and whose IFORMER_ROOT is under `base`."""
+    """Ray processes whose parent is gone (re-parented to init), of a repo under `base`: its
+    IFORMER_ROOT in their environment, or files under it held open."""
     found = []
     for p in psutil.process_iter(["ppid", "cmdline"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
             if p.info["ppid"] != 1 or not any(n in cmd for n in RAY_NAMES):
                 continue
-            if environ(p).get("IFORMER_ROOT", "").startswith(base):
+            if (environ(p).get("IFORMER_ROOT", "").startswith(base)
+                    or any(f.startswith(base) for f in open_paths(p))):  # its logs, if the title wiped the rest
                 found.append(p)
         except (psutil.Error, OSError):
             continue
