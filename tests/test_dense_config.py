@@ -49,6 +49,40 @@ def test_detection_config_builds_a_mask_rcnn_with_the_iformer_backbone():
     assert model.neck.lateral_convs[0].conv.in_channels == 32  # iformer_t's stride-4 map
 
 
+
+def test_roi_align_runs_torchvisions_kernel_with_mmcvs_results():
+    """Both RoI extractors keep mmcv's RoIAlign (aligned, average, adaptive sampling) and run it
+    through torchvision: the features and their gradients equal mmcv's own CPU kernel's."""
+    import torch
+    from mmcv.ops import RoIAlign
+    from mmdet.registry import MODELS
+    from mmengine.config import Config as MMConfig
+    from mmengine.registry import init_default_scope
+
+    from iformer.dense.registry import register
+
+    mm = MMConfig(build_config(Config(), "detection", DET_DATA, "/tmp/w", None, 1, False))
+    register()
+    init_default_scope("mmdet")
+    torch.manual_seed(0)
+    feat = torch.randn(2, 8, 24, 24)
+    # batch index, x1, y1, x2, y2 in image pixels (stride 4): small, large, off the edge
+    rois = torch.tensor([[0, 3.0, 5.0, 17.0, 30.0], [1, 10.0, 2.0, 90.0, 60.0], [0, 80.0, 70.0, 110.0, 99.0]])
+    for key, size in (("bbox_roi_extractor", 7), ("mask_roi_extractor", 14)):
+        extractor = MODELS.build(mm.model.roi_head[key])
+        layer = extractor.roi_layers[0]
+        assert layer.use_torchvision and layer.aligned and layer.pool_mode == "avg" and layer.sampling_ratio == 0
+        mmcv_own = RoIAlign(size, spatial_scale=0.25, sampling_ratio=0, aligned=True)
+        a, b = feat.clone().requires_grad_(), feat.clone().requires_grad_()
+        ours, theirs = layer(a, rois), mmcv_own(b, rois)
+        assert ours.shape == (3, 8, size, size)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        weights = torch.randn_like(ours)
+        (ours * weights).sum().backward()
+        (theirs * weights).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
+        assert a.grad.abs().sum() > 0
+
 def test_segmentation_config_builds_a_semantic_fpn():
     from mmengine.config import Config as MMConfig
     from mmengine.registry import init_default_scope

@@ -87,3 +87,19 @@ def test_renicer_never_raises_a_daemons_priority(ray_like):
     agent.nice(base + 4)  # already lower than asked
     Renicer(base + 2).stop()
     assert agent.nice() == base + 4
+
+
+def test_ray_train_polls_at_the_configured_interval():
+    """`ray.poll_interval_s` reaches every Ray process through the job's environment, under the
+    name Ray Train's controller reads (its default, 2 s, left a finished run waiting)."""
+    from ray.train.v2._internal import constants
+
+    from pipeline.compute import cluster
+    from pipeline.config import Config
+
+    assert cluster.POLL_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    assert constants.DEFAULT_HEALTH_CHECK_INTERVAL_S == 2.0
+    assert cluster.POLL_ENV in constants.ENV_VARS_TO_PROPAGATE  # the driver's value reaches the controller
+    cfg = Config.model_validate({"ray": {"poll_interval_s": 0.5}})
+    assert cluster._runtime_env_vars(cfg)[cluster.POLL_ENV] == "0.5"
+    assert float(cluster._runtime_env_vars(Config())[cluster.POLL_ENV]) == 0.25

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 TOKEN_FILE = "auth_token"
 #: Where Ray's processes find the state API (the dashboard) of the local Ray.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 #: What the workers need to reach the tracking server; credentials come from
 #: the driver's environment, never from params.yaml.
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
@@ -127,11 +128,14 @@ def check_tracking(cfg, addr: str) -> None:
                             "MLFLOW_TRACKING_URI to its http(s):// address")
 
 
-def _runtime_env_vars() -> dict:
+def _runtime_env_vars(cfg) -> dict:
     env = {k: os.environ[k] for k in (*TRACKING_ENV, "MLFLOW_DISABLE_TELEMETRY", "IFORMER_ROOT") if k in os.environ}
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # Train V2 tees print() into its logger as well, which doubles every line.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    # Train V2's controller polls its workers this often; at Ray's 2 s a finished run
+    # waited up to 2 s to be noticed, and a stage's start and end ~3 s in all.
+    env[POLL_ENV] = str(cfg.ray.poll_interval_s)
     return env
 
 
@@ -143,7 +147,7 @@ def _connect(cfg, addr: str) -> None:
     import iformer
     import pipeline
 
-    runtime_env = {"env_vars": _runtime_env_vars(),
+    runtime_env = {"env_vars": _runtime_env_vars(cfg),
                    "py_modules": [str(Path(iformer.__file__).parent), str(Path(pipeline.__file__).parent)]}
     log.info("connecting to Ray cluster at %s", addr)
     try:
@@ -201,7 +205,7 @@ def _start_local(cfg, tmp: Path) -> None:
         dashboard_host="127.0.0.1",
         dashboard_port=int(api.rsplit(":", 1)[1]),
         _temp_dir=str(tmp),
-        runtime_env={"env_vars": {**_runtime_env_vars(), API_SERVER_ENV: api}},
+        runtime_env={"env_vars": {**_runtime_env_vars(cfg), API_SERVER_ENV: api}},
         configure_logging=False,
         log_to_driver=True,
     )

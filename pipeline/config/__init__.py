@@ -129,7 +129,9 @@ class TrainConfig(Section):
     deterministic: bool = True
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    # NHWC activations and weights: oneDNN's fast convolutions on CPUs, tensor cores on GPUs
+    # (`make bench` P1 runs the stage both ways).
+    channels_last: bool = True
     # torch.compile of the training forward (timm's --torchcompile): a one-off compile for a
     # faster step; it pays only when the run is long enough (`make bench` P7 measures both).
     compile: bool = False
@@ -176,6 +178,10 @@ class RayConfig(Section):
     # Local Ray only: CPU niceness of its daemons (gcs, dashboard, agents, the
     # Train controller) so they yield to the training workers; 0 leaves them be.
     local_daemon_niceness: int = Field(10, ge=0, le=19)
+    # How often Ray Train's controller polls its workers (Ray's default: 2 s). A
+    # finished run is noticed up to this late, in every Ray stage; each poll is
+    # one small call per worker.
+    poll_interval_s: float = Field(0.25, ge=0.05, le=60.0)
     # After a stage succeeds, delete its Ray checkpoints (they only serve resuming an
     # interrupted run; the weights are the stage's artifact). false keeps them.
     prune_checkpoints: bool = True

@@ -60,6 +60,7 @@ PLUMBING_PARAMS = {
     "ray.storage_path": "where Ray keeps resume checkpoints and logs",
     "ray.local_num_cpus": "how many CPUs the private local Ray offers (scheduling, not results)",
     "ray.local_daemon_niceness": "the CPU priority of the local Ray's daemons",
+    "ray.poll_interval_s": "how soon Ray Train notices a worker's progress (timing, not results)",
     "ray.max_failures": "how often Ray restarts failed workers from their last checkpoint",
     "ray.prune_checkpoints": "whether resume checkpoints are kept after success",
     "train.checkpoints_to_keep": "how many resume checkpoints Ray keeps",
