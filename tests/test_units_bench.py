@@ -32,3 +32,14 @@ def test_the_prepared_digits_become_an_image_folder_of_links(tmp_path):
     links = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
     assert links == ["train/0000/000000.png", "train/0003/000001.png", "val/0003/000000.png"]
     assert (folder / "train/0003/000001.png").resolve() == (prep / "img/b.png").resolve()
+
+
+def test_dvc_reads_yaml_through_ruamels_c_parser():
+    """P5's no-op `dvc repro` parses params.yaml once per stage and dvc.lock several times; setup
+    installs ruamel's C parser (optional since ruamel.yaml 0.19), and DVC's reads take it, with
+    the YAML 1.2 values DVC writes (`1e-08` a number, `on` a string)."""
+    from dvc.utils.serialize import loads_yaml
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__module__ == "ruamel.yaml.clib._ruamel_yaml"
+    assert loads_yaml("lr: 1e-08\nflag: on\nn: 1_000\n") == {"lr": 1e-08, "flag": "on", "n": 1000}
