@@ -100,6 +100,6 @@ def test_ray_train_polls_at_the_configured_interval():
     assert cluster.POLL_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
     assert constants.DEFAULT_HEALTH_CHECK_INTERVAL_S == 2.0
     assert cluster.POLL_ENV in constants.ENV_VARS_TO_PROPAGATE  # the driver's value reaches the controller
-    cfg = Config.model_validate({"ray": {"poll_interval_s": 0.5}})
-    assert cluster._runtime_env_vars(cfg)[cluster.POLL_ENV] == "0.5"
-    assert float(cluster._runtime_env_vars(Config())[cluster.POLL_ENV]) == 0.25
+    cfg = Config.model_validate({"ray": {"poll_interval_s": 1.5}})
+    assert cluster._runtime_env_vars(cfg)[cluster.POLL_ENV] == "1.5"
+    assert float(cluster._runtime_env_vars(Config())[cluster.POLL_ENV]) == 0.5
