@@ -1,23 +1,49 @@
-"""P6: two workers on two nodes against one on one, on a loopback Ray cluster."""
+"""P6: two workers on two nodes against one on one, on a loopback Ray cluster, and where the time goes."""
 from __future__ import annotations
 
+import csv
+import os
 import statistics
 import tempfile
 from pathlib import Path
 
+#: What each configuration runs: its label -> (workers, global batch). One worker at half the
+#: batch computes what each of two workers computes per step, without their all-reduce.
+RUNS = {"two": (2, 64), "one": (1, 64), "one_half_batch": (1, 32)}
+PARTS = ("epoch_seconds", "train_seconds", "val_seconds", "checkpoint_seconds")
+
+
+def epoch_parts(history: Path) -> dict[str, float]:
+    """Median over the steady epochs (the first, warming up, only when it is alone) of each part."""
+    rows = [{k: float(r[k]) for k in PARTS} for r in csv.DictReader(open(history))]
+    steady = rows[1:] or rows
+    return {k: statistics.median(r[k] for r in steady) for k in PARTS}
+
+
+def breakdown(two: dict[str, float], one: dict[str, float], half: dict[str, float]) -> list[str]:
+    """Where two workers' epoch goes against one worker's: steps (their ideal is half of one worker's
+    at half the batch; the rest is all-reduce and waiting), validation, the checkpoint."""
+    total2 = two["epoch_seconds"] + two["checkpoint_seconds"]
+    total1 = one["epoch_seconds"] + one["checkpoint_seconds"]
+    ideal_steps = half["train_seconds"] / 2
+    comm = max(0.0, two["train_seconds"] - ideal_steps)
+    other = total2 - two["train_seconds"] - two["val_seconds"] - two["checkpoint_seconds"]
+    share = lambda s: f"{s:.1f} s ({100 * s / total2:.0f} %)"  # noqa: E731
+    best = (total2 - comm) / total1
+    return [f"P6 breakdown of 2 workers' epoch with its checkpoint, {total2:.1f} s (1 worker: {total1:.1f} s):",
+            f"  steps {share(two['train_seconds'])}: computing {ideal_steps:.1f} s (half of 1 worker's at batch 32, "
+            f"{half['train_seconds']:.1f} s), all-reduce and waiting {share(comm)}",
+            f"  validation {share(two['val_seconds'])} (1 worker: {one['val_seconds']:.1f} s)",
+            f"  checkpoint and report {share(two['checkpoint_seconds'])} (1 worker: {one['checkpoint_seconds']:.1f} s)",
+            f"  other {share(other)}",
+            f"  without the all-reduce and waiting the ratio would be {best:.2f}"]
+
 
 def p6(reps: int, epochs: int) -> None:
-    import csv
-    import os
-
     from cluster_fixture import LoopbackCluster, MlflowServer
     from conftest import make_repo
 
-    def epoch_seconds(repo) -> float:
-        rows = list(csv.DictReader(open(repo.path / "artifacts/pretrain/history.csv")))
-        times = [float(r["epoch_seconds"]) for r in rows]
-        return statistics.median(times[1:] or times)
-
+    parts: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
     with tempfile.TemporaryDirectory(prefix="bench-p6-") as tmp:
         base = Path(tmp)
         cluster = LoopbackCluster(base, cpus=1)
@@ -26,24 +52,27 @@ def p6(reps: int, epochs: int) -> None:
             cluster.start(nodes=2)
             server = MlflowServer(base)
             auth = {k: v for k, v in cluster.env.items() if k.startswith("RAY_AUTH")}
-            times: dict[int, list[float]] = {1: [], 2: []}
             for i in range(reps):
-                for workers in (2, 1):
-                    repo = make_repo(base / f"repo-{workers}-{i}", {
-                        "train": {"epochs": epochs, "batch_size": 64}, "mlflow": {"tracking_uri": server.uri,
-                                                                                 "log_model": False},
+                for name, (workers, batch) in RUNS.items():
+                    repo = make_repo(base / f"repo-{name}-{i}", {
+                        "train": {"epochs": epochs, "batch_size": batch},
+                        "mlflow": {"tracking_uri": server.uri, "log_model": False},
                         "ray": {"address": cluster.address, "num_workers": workers, "cpus_per_worker": 1.0,
                                 "storage_path": str(base / "storage")}})
                     repo.env.update(auth)
                     repo.stage("prepare")
                     repo.stage("pretrain")
-                    times[workers].append(epoch_seconds(repo))
-                    print(f"P6 rep {i + 1}: {workers} worker(s): {times[workers][-1]:.1f} s/epoch", flush=True)
+                    parts[name].append(epoch_parts(repo.path / "artifacts/pretrain/history.csv"))
+                    print(f"P6 rep {i + 1}: {workers} worker(s), batch {batch}: "
+                          f"{parts[name][-1]['epoch_seconds']:.1f} s/epoch", flush=True)
         finally:
             if server is not None:
                 server.stop()
             cluster.stop()
-    two, one = statistics.median(times[2]), statistics.median(times[1])
+    med = {name: {k: statistics.median(p[k] for p in runs) for k in PARTS} for name, runs in parts.items()}
+    two, one = med["two"]["epoch_seconds"], med["one"]["epoch_seconds"]
     print(f"P6 [iformer_t 64px, global batch 64, {epochs} epochs, {reps} rep(s), one CPU per node, "
           f"{os.cpu_count()} cores on the machine] 2 workers on 2 nodes {two:.1f} s/epoch / 1 worker on 1 node "
           f"{one:.1f} s/epoch = {two / one:.2f} (goal <= 0.6)", flush=True)
+    for line in breakdown(med["two"], med["one"], med["one_half_batch"]):
+        print(line, flush=True)

@@ -24,7 +24,9 @@ P5  no-op `dvc repro`: the default, DVC's own start, and with a 100 k-file Image
     tree configured as the data set. Goal <= 1.0 s.
 P6  per-epoch time of the pretrain stage with 2 workers on 2 nodes / 1 worker on 1 node,
     same global batch, on a 2-node loopback Ray cluster (one CPU per node, token auth,
-    an MLflow server). Goal <= 0.6.
+    an MLflow server). Goal <= 0.6. Then where two workers' epoch goes: steps (against
+    one worker at half the batch: the rest is all-reduce and waiting), validation, the
+    checkpoint (from history.csv's train/val/checkpoint_seconds).
 P7  `train.compile` in the pretrain stage: compile time (a cold Inductor cache each run),
     steady img/s compiled / eager, and whether it pays for itself within the default run.
 """

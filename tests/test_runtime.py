@@ -3,6 +3,7 @@
 Real Ray, real DVC, real MLflow; processes are killed by PID as a user (or the
 OOM killer) would.
 """
+import csv
 import json
 import os
 import re
@@ -93,8 +94,14 @@ def test_training_with_two_workers_listens_on_loopback_only(tmp_path):
     assert any(name.startswith("ray::RayTrainWo") for name, _, _ in listeners), listeners
     exposed = [entry for entry in listeners if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert exposed == [], exposed
-    history = (repo.path / "artifacts/pretrain/history.csv").read_text().splitlines()
-    assert len(history) == 1 + FAST["train"]["epochs"]
+    with open(repo.path / "artifacts/pretrain/history.csv") as f:
+        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert len(history) == FAST["train"]["epochs"]
+    # Each epoch's time split as P6 reads it: rank 0's validation lies inside its epoch (the
+    # steps are the slower rank's); the first epoch follows no checkpoint, the second the first's.
+    for row in history:
+        assert 0 < row["train_seconds"] and 0 < row["val_seconds"] < row["epoch_seconds"], row
+    assert history[0]["checkpoint_seconds"] == 0.0 and history[1]["checkpoint_seconds"] > 0, history
 
 
 TWIN = textwrap.dedent("""

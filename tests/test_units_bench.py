@@ -1,5 +1,5 @@
 """The benchmarks' own parsing and data plumbing (their figures come from `make bench`, not tests)."""
-from benchmarks import training
+from benchmarks import cluster, training
 from pipeline.classify.datasets import Prepared
 
 
@@ -18,6 +18,23 @@ Train: 1 [  21/22 (100%)]  Loss: 1.10 (1.20)  Time: 0.400s,  160.00/s  (0.450s, 
 def test_steady_leaves_the_first_epoch_out():
     rows = [{"img_per_sec": 10.0}, {"img_per_sec": 100.0}, {"img_per_sec": 110.0}]
     assert training.steady(rows) == 105.0 and training.steady(rows[:1]) == 10.0
+
+
+def test_p6_reads_each_part_over_the_steady_epochs_and_splits_the_two_workers_epoch(tmp_path):
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,epoch_seconds,train_seconds,val_seconds,checkpoint_seconds,train_loss\n"
+                       "1,30,25,4,0,2.0\n2,20,16,3,1.0,1.5\n3,22,18,3,1.4,1.2\n")
+    assert cluster.epoch_parts(history) == {"epoch_seconds": 21.0, "train_seconds": 17.0, "val_seconds": 3.0,
+                                            "checkpoint_seconds": 1.2}
+    two = {"epoch_seconds": 12.0, "train_seconds": 9.0, "val_seconds": 2.0, "checkpoint_seconds": 1.0}
+    one = {"epoch_seconds": 19.0, "train_seconds": 15.0, "val_seconds": 4.0, "checkpoint_seconds": 1.0}
+    half = {"epoch_seconds": 20.0, "train_seconds": 14.0, "val_seconds": 4.0, "checkpoint_seconds": 1.0}
+    lines = cluster.breakdown(two, one, half)
+    # 13 s with the checkpoint against 20 s; steps 9 s of which 7 s compute (14 / 2) and 2 s talk
+    assert "13.0 s (1 worker: 20.0 s)" in lines[0]
+    assert "computing 7.0 s" in lines[1] and "all-reduce and waiting 2.0 s (15 %)" in lines[1]
+    assert "validation 2.0 s (15 %)" in lines[2] and "checkpoint and report 1.0 s (8 %)" in lines[3]
+    assert "other 1.0 s (8 %)" in lines[4] and lines[5].endswith("would be 0.55")
 
 
 def test_the_prepared_digits_become_an_image_folder_of_links(tmp_path):

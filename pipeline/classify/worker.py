@@ -208,7 +208,7 @@ def train_one_epoch(c: Components, loader: DataLoader, cfg: Config, device: torc
     loss_sum, seen, elapsed_max = _all_sum([loss_sum.item(), seen, elapsed], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return {"train_loss": loss_sum / max(seen, 1),
-            "img_per_sec": seen / max(elapsed_max / world, 1e-9),
+            "img_per_sec": seen / max(elapsed_max / world, 1e-9), "train_seconds": elapsed_max,
             "lr": c.optimizer.param_groups[0]["lr"]}, global_step
 
 
@@ -319,10 +319,12 @@ def train_loop_per_worker(config: dict) -> None:
     if start_epoch >= cfg.train.epochs and history:
         report(history[-1])  # already complete: hand the final state back to the driver
         return
+    ended = None  # when this run's previous epoch ended, its checkpoint and report included
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         tstart = time.perf_counter()
         train_stats, step = train_one_epoch(c, train_loader, cfg, device, epoch, step, progress)
+        tval = time.perf_counter()
         # The bare network, not the DDP wrapper: ranks hold unequal val shards, and
         # eval needs no gradient sync.
         val = validate(c.bare, val_loader, cfg, device)
@@ -331,10 +333,15 @@ def train_loop_per_worker(config: dict) -> None:
         if c.ema is not None:
             ev = validate(c.ema.module, val_loader, cfg, device)
             row.update(val_top1_ema=ev["top1"], val_top5_ema=ev["top5"], val_loss_ema=ev["loss"])
-        row["epoch_seconds"] = time.perf_counter() - tstart
+        done = time.perf_counter()
+        # Where an epoch's time goes (make bench P6): its steps, its validation, and the
+        # previous epoch's checkpoint and report, seen as the gap before this one (0 on a run's first).
+        row.update(epoch_seconds=done - tstart, val_seconds=done - tval,
+                   checkpoint_seconds=tstart - ended if ended is not None else 0.0)
         history.append(row)
         report(row)
         if rank == 0:  # after the checkpoint: an epoch in MLflow is never redone after a restart
             logger.log(row)
             say(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {row['train_loss']:.4f} "
                 f"val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f} {row['img_per_sec']:.1f} img/s")
+        ended = time.perf_counter()
