@@ -124,4 +124,5 @@ def _load(path) -> Config:
 
 
 def exit_with(stage: str, check: Check, run: Run, reopen: Reopen | None = None) -> None:
-    sys.exit(main(stage, check, run, reopen=reopen))
+    code = main(stage, check, run, reopen=reopen)  # an unforeseen exception still ends with its traceback
+    lifecycle.exit_now(code)
