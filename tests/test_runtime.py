@@ -101,6 +101,9 @@ def test_training_with_two_workers_listens_on_loopback_only(tmp_path):
     # steps are the slower rank's); the first epoch follows no checkpoint, the second the first's.
     for row in history:
         assert 0 < row["train_seconds"] and 0 < row["val_seconds"] < row["epoch_seconds"], row
+        # The digits' 1,437 training images in whole global batches of 64: 22 steps, 1,408 images
+        # over both ranks, at img_per_sec in the ranks' time (their mean, not their sum).
+        assert row["img_per_sec"] * row["train_seconds"] == pytest.approx(22 * 64), row
     assert history[0]["checkpoint_seconds"] == 0.0 and history[1]["checkpoint_seconds"] > 0, history
 
 

@@ -205,10 +205,11 @@ def train_one_epoch(c: Components, loader: DataLoader, cfg: Config, device: torc
                 progress(epoch, i + 1, len(loader), seen / (time.perf_counter() - start), total / seen,
                          c.optimizer.param_groups[0]["lr"])
     elapsed = time.perf_counter() - start
-    loss_sum, seen, elapsed_max = _all_sum([loss_sum.item(), seen, elapsed], device)
+    loss_sum, seen, elapsed_sum = _all_sum([loss_sum.item(), seen, elapsed], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    elapsed_mean = elapsed_sum / world  # the ranks step together (DDP syncs each step)
     return {"train_loss": loss_sum / max(seen, 1),
-            "img_per_sec": seen / max(elapsed_max / world, 1e-9), "train_seconds": elapsed_max,
+            "img_per_sec": seen / max(elapsed_mean, 1e-9), "train_seconds": elapsed_mean,
             "lr": c.optimizer.param_groups[0]["lr"]}, global_step
 
 
@@ -319,7 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
     if start_epoch >= cfg.train.epochs and history:
         report(history[-1])  # already complete: hand the final state back to the driver
         return
-    ended = None  # when this run's previous epoch ended, its checkpoint and report included
+    ended = None  # when this run's previous epoch's validation ended (its checkpoint and report came after)
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
         tstart = time.perf_counter()
@@ -338,10 +339,10 @@ def train_loop_per_worker(config: dict) -> None:
         # previous epoch's checkpoint and report, seen as the gap before this one (0 on a run's first).
         row.update(epoch_seconds=done - tstart, val_seconds=done - tval,
                    checkpoint_seconds=tstart - ended if ended is not None else 0.0)
+        ended = done
         history.append(row)
         report(row)
         if rank == 0:  # after the checkpoint: an epoch in MLflow is never redone after a restart
             logger.log(row)
             say(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss {row['train_loss']:.4f} "
                 f"val_top1 {row['val_top1']:.4f} val_top5 {row['val_top5']:.4f} {row['img_per_sec']:.1f} img/s")
-        ended = time.perf_counter()
