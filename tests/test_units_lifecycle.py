@@ -46,17 +46,3 @@ def test_exit_now_does_the_exits_duties_and_skips_the_teardown(tmp_path, how):
     assert (tmp_path / "atexit").is_file() and (tmp_path / "thread").is_file()
     # The control (an ordinary exit) frees the module's objects; exit_now leaves that to the OS.
     assert (tmp_path / "teardown").exists() == (how == "sys.exit")
-
-
-@pytest.mark.parametrize("argv, started", [
-    (["python", "-m", "stages.evaluate"], True),
-    (["python", "-X", "importtime", "-m", "stages.evaluate", "--params", "p.yaml"], True),
-    (["python", "-m", "stages.evaluate_more"], False),
-    (["python", "-m", "pytest", "-n", "2", "tests"], False),  # a stage run inside the tests' process
-    (["python", "-c", "import sys;exec(eval(sys.stdin.readline()))"], False),  # an xdist worker
-])
-def test_only_a_process_started_as_the_stage_skips_the_teardown(monkeypatch, argv, started):
-    from pipeline import stage
-
-    monkeypatch.setattr(sys, "orig_argv", argv)
-    assert stage._started_as("stages.evaluate") is started
