@@ -124,5 +124,4 @@ def _load(path) -> Config:
 
 
 def exit_with(stage: str, check: Check, run: Run, reopen: Reopen | None = None) -> None:
-    code = main(stage, check, run, reopen=reopen)  # an unforeseen exception still ends with its traceback
-    lifecycle.exit_now(code)
+    sys.exit(main(stage, check, run, reopen=reopen))

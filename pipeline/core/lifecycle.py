@@ -33,7 +33,6 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 from ..errors import PipelineError
 
@@ -159,31 +158,6 @@ def install() -> None:
                 return
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-def exit_now(code: int) -> NoReturn:
-    """End the process with `code` as Python would, less the teardown of its modules.
-
-    What an exit owes the world still happens, in Python's order: `threading`'s
-    exit hooks and the joins of non-daemon threads, then every `atexit` handler
-    (MLflow's queued logging, Ray's shutdown, logging's flush, temporary folders),
-    then the standard streams are flushed. Skipped is only the interpreter's
-    freeing of its modules and objects, which took 1-2.5 s per stage process with
-    torch, timm, MLflow and Ray loaded (measured here, 2 cores), time DVC waited for.
-    """
-    import atexit
-
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is None:  # an interpreter without CPython's hook: the ordinary exit
-        sys.exit(code)
-    shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing left to say
-            pass
-    os._exit(code)
 
 
 def stop_reason() -> tuple[str, int]:
