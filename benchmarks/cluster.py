@@ -15,7 +15,8 @@ PARTS = ("epoch_seconds", "train_seconds", "val_seconds", "checkpoint_seconds")
 
 def epoch_parts(history: Path) -> dict[str, float]:
     """Median over the steady epochs (the first, warming up, only when it is alone) of each part."""
-    rows = [{k: float(r[k]) for k in PARTS} for r in csv.DictReader(open(history))]
+    with open(history, newline="") as f:
+        rows = [{k: float(r[k]) for k in PARTS} for r in csv.DictReader(f)]
     steady = rows[1:] or rows
     return {k: statistics.median(r[k] for r in steady) for k in PARTS}
 
@@ -27,7 +28,7 @@ def breakdown(two: dict[str, float], one: dict[str, float], half: dict[str, floa
     total1 = one["epoch_seconds"] + one["checkpoint_seconds"]
     ideal_steps = half["train_seconds"] / 2
     comm = max(0.0, two["train_seconds"] - ideal_steps)
-    other = total2 - two["train_seconds"] - two["val_seconds"] - two["checkpoint_seconds"]
+    other = two["epoch_seconds"] - two["train_seconds"] - two["val_seconds"]  # epoch-end sums, rank 0 vs mean
     share = lambda s: f"{s:.1f} s ({100 * s / total2:.0f} %)"  # noqa: E731
     best = (total2 - comm) / total1
     return [f"P6 breakdown of 2 workers' epoch with its checkpoint, {total2:.1f} s (1 worker: {total1:.1f} s):",

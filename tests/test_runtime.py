@@ -98,7 +98,7 @@ def test_training_with_two_workers_listens_on_loopback_only(tmp_path):
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     assert len(history) == FAST["train"]["epochs"]
     # Each epoch's time split as P6 reads it: rank 0's validation lies inside its epoch (the
-    # steps are the slower rank's); the first epoch follows no checkpoint, the second the first's.
+    # steps are the ranks' mean); the first epoch follows no checkpoint, the second the first's.
     for row in history:
         assert 0 < row["train_seconds"] and 0 < row["val_seconds"] < row["epoch_seconds"], row
         # The digits' 1,437 training images in whole global batches of 64: 22 steps, 1,408 images
