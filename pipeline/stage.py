@@ -124,4 +124,13 @@ def _load(path) -> Config:
 
 
 def exit_with(stage: str, check: Check, run: Run, reopen: Reopen | None = None) -> None:
-    sys.exit(main(stage, check, run, reopen=reopen))
+    code = main(stage, check, run, reopen=reopen)  # an unforeseen exception still ends with its traceback
+    if _started_as(f"stages.{stage}"):  # the process is this stage's: it may skip Python's teardown
+        lifecycle.exit_now(code)
+    sys.exit(code)
+
+
+def _started_as(module: str) -> bool:
+    """This process was started as `python [options] -m module` (not a module run inside another program)."""
+    argv = getattr(sys, "orig_argv", [])
+    return any(arg == "-m" and argv[i + 1:i + 2] == [module] for i, arg in enumerate(argv))
