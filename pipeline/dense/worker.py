@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mmengine.runner import Runner
 
 from ..compute.trainer import seed_everything
 from ..config import Config
@@ -31,6 +32,18 @@ from .mmengine_checkpoints import allow_mmengine_checkpoints
 TASKS = ("detection", "segmentation")
 
 
+class ChannelsLastRunner(Runner):
+    """mmengine's Runner, with the network put in channels_last (NHWC) memory before it is wrapped
+    when its config says `channels_last`. The convolutions follow their weights' layout (oneDNN on
+    CPUs, cuDNN on GPUs), so the batches stay as the data preprocessor makes them; converting
+    before the wrap lays DDP's gradient buckets out like the parameters they mirror."""
+
+    def wrap_model(self, model_wrapper_cfg, model):
+        if self.cfg.get("channels_last", False):
+            model = model.to(memory_format=torch.channels_last)
+        return super().wrap_model(model_wrapper_cfg, model)
+
+
 def build_config(cfg: Config, task: str, data: dict, work_dir: str, init: str | None, world: int,
                  use_gpu: bool, layer_scale: float | None = None) -> dict:
     """The mmengine config of `task` for a Ray worker group of `world` workers.
@@ -39,6 +52,7 @@ def build_config(cfg: Config, task: str, data: dict, work_dir: str, init: str | 
     """
     build = configs.detection if task == "detection" else configs.segmentation
     mm = build(cfg, data, work_dir, init, world, layer_scale)
+    mm["channels_last"] = getattr(cfg, task).train.channels_last  # read by ChannelsLastRunner
     if world > 1:
         mm["launcher"] = "pytorch"
         # CPU modules take no device_ids; on GPU mmengine fills in LOCAL_RANK.
@@ -52,7 +66,6 @@ def build_config(cfg: Config, task: str, data: dict, work_dir: str, init: str | 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from mmengine.config import Config as MMConfig
-    from mmengine.runner import Runner
     from ray.train import Checkpoint
 
     from iformer.dense.registry import register
@@ -79,7 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
             shutil.copy(Path(d) / CHECKPOINT_FILE, Path(work_dir) / CHECKPOINT_FILE)
         mm["load_from"], mm["resume"] = str(Path(work_dir) / CHECKPOINT_FILE), True
         origin = f"ray checkpoint {ckpt.path}"
-    runner = Runner.from_cfg(MMConfig(mm))
+    runner = ChannelsLastRunner.from_cfg(MMConfig(mm))
     by_epoch = task == "detection"
     interval = section.train.checkpoint_interval
     runner.register_hook(RayCheckpointHook(interval, by_epoch))
