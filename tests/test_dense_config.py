@@ -112,9 +112,9 @@ def test_channels_last_networks_step_as_nchw_ones(tmp_path, task):
     weights = [p for p in nhwc.parameters() if p.dim() == 4]
     assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     assert any(not p.is_contiguous() for p in weights)  # converted (1x1 and depthwise kernels are both at once)
-    off = ChannelsLastRunner.from_cfg(MMConfig(dict(mm, channels_last=False, work_dir=str(tmp_path / "off"),
-                                                    experiment_name=f"{task}-nchw")))
-    assert all(p.is_contiguous() for p in off.model.parameters())
+    kept = ChannelsLastRunner.from_cfg(MMConfig(dict(mm, channels_last=False, work_dir=str(tmp_path / "off"),
+                                                     experiment_name=f"{task}-nchw")))
+    assert all(p.is_contiguous() for p in kept.model.parameters())
 
     nchw = copy.deepcopy(nhwc).to(memory_format=torch.contiguous_format)
     batch = next(iter(runner.train_dataloader))

@@ -32,7 +32,7 @@ EXITING = textwrap.dedent("""
     pool.submit(lambda: None).result()
     sys.stdout.write("no newline, still buffered")
     if sys.argv[2] == "ray":  # a process that started Ray: the ordinary exit
-        lifecycle.keep_teardown("ray")
+        lifecycle.keep_teardown()
     if sys.argv[2] in ("now", "ray"):
         lifecycle.exit_now(3)
     sys.exit(3)

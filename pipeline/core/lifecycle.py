@@ -161,18 +161,19 @@ def install() -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-#: Why this process must end with the interpreter's full teardown (see `keep_teardown`).
-_FULL_EXIT: set[str] = set()
+#: Whether this process must end with the interpreter's full teardown (see `keep_teardown`).
+_full_exit = False
 
 
-def keep_teardown(why: str) -> None:
+def keep_teardown() -> None:
     """This process started something (a local Ray) whose own ending `exit_now` must not cut short.
 
     With the teardown skipped, a local Ray's dashboard left its multiprocessing
     forkserver running in 3 of 7 test runs (0 of 4 with it): a process that
     started Ray exits as Python would.
     """
-    _FULL_EXIT.add(why)
+    global _full_exit
+    _full_exit = True
 
 
 def exit_now(code: int) -> NoReturn:
@@ -189,7 +190,7 @@ def exit_now(code: int) -> NoReturn:
     import atexit
 
     shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is None or _FULL_EXIT:  # no CPython hook, or a Ray to see out: the ordinary exit
+    if shutdown is None or _full_exit:  # no CPython hook, or a Ray to see out: the ordinary exit
         sys.exit(code)
     shutdown()
     atexit._run_exitfuncs()
@@ -235,7 +236,7 @@ def exclusive(path: Path, what: str) -> None:
 def reaper(env_key: str, marker: str) -> None:
     """Clean up after this process whenever it ends: see `reap`. A process that needs a reaper has
     daemons to see out, and ends with the interpreter's full teardown (`keep_teardown`)."""
-    keep_teardown(env_key)
+    keep_teardown()
     subprocess.Popen([sys.executable, "-m", "pipeline.core.lifecycle", str(os.getpid()), env_key, marker],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
