@@ -28,7 +28,9 @@ import psutil
 import pytest
 
 from conftest import wait_for  # noqa: F401 (the cluster tests import it from here)
-from leaks import end, environ, open_paths
+from leaks import open_paths
+
+from pipeline.core.lifecycle import end, environ
 
 VENV_BIN = Path(sys.executable).parent
 MARKER = "IFORMER_TEST_NODE"
@@ -48,7 +50,7 @@ def marked(value: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter():
         try:
-            mark = environ(p).get(MARKER, "")  # not p.environ(): Ray's agents' titles wipe its start
+            mark = environ(p.pid).get(MARKER, "")  # not p.environ(): Ray's agents' titles wipe its start
             if p.pid != os.getpid() and (mark == value or mark.startswith(value + "/")
                                          or any(value in a for a in p.cmdline())
                                          or any(value in f for f in open_paths(p))):

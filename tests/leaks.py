@@ -15,20 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.core import lifecycle
+
 RAY_NAMES = ("ray::", "raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
-
-
-def environ(p: psutil.Process) -> dict[str, str]:
-    """A process's environment, read past what a changed process title wiped.
-
-    Ray's agents set their title (`ray::DashboardAgent`) over the memory that also holds the
-    start of their environment: /proc/PID/environ then begins with NUL bytes, and psutil's
-    `environ()` reads it as empty. The variables after the wiped part are still there.
-    """
-    try:
-        return parse_environ(Path(f"/proc/{p.pid}/environ").read_bytes())
-    except OSError:
-        return {}
 
 
 def open_paths(p: psutil.Process) -> list[str]:
@@ -41,12 +30,6 @@ def open_paths(p: psutil.Process) -> list[str]:
         return []
 
 
-def parse_environ(raw: bytes) -> dict[str, str]:
-    """NUL-separated NAME=value entries; empty and cut entries without '=' are skipped."""
-    pairs = (chunk.decode(errors="replace").partition("=") for chunk in raw.split(b"\0") if b"=" in chunk)
-    return {k: v for k, _, v in pairs}
-
-
 def orphans(base: str) -> list[psutil.Process]:
     """Ray processes whose parent is gone (re-parented to init), of a repo under `base`: its
     IFORMER_ROOT in their environment, or files under it held open."""
@@ -56,7 +39,7 @@ def orphans(base: str) -> list[psutil.Process]:
             cmd = " ".join(p.info["cmdline"] or [])
             if p.info["ppid"] != 1 or not any(n in cmd for n in RAY_NAMES):
                 continue
-            if (environ(p).get("IFORMER_ROOT", "").startswith(base)
+            if (lifecycle.environ(p.pid).get("IFORMER_ROOT", "").startswith(base)
                     or any(f.startswith(base) for f in open_paths(p))):  # its logs, if the title wiped the rest
                 found.append(p)
         except (psutil.Error, OSError):
@@ -72,20 +55,4 @@ def no_ray_left_behind(request, tmp_path_factory):
         return
     names = ", ".join(sorted({" ".join(p.cmdline()[:1])[:40] for p in left if p.is_running()}))
     warnings.warn(f"{request.module.__name__} left {len(left)} Ray process(es) running: {names}; ended them")
-    end(left, grace=0)
-
-
-def end(procs: list[psutil.Process], grace: float) -> None:
-    """SIGTERM (SIGKILL when `grace` is 0), then SIGKILL whatever is still there after `grace` s."""
-    for p in procs:
-        try:
-            p.terminate() if grace > 0 else p.kill()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=max(grace, 1.0))
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    lifecycle.end(left, grace=0)

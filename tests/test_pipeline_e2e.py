@@ -80,6 +80,30 @@ def test_checkpoint_reloads_strictly(default_repo):
     assert sum(p.numel() for p in model.parameters()) > 2e6
 
 
+def test_the_logged_model_serves_the_checkpoints_predictions(default_repo):
+    """The MLflow model the pretrain stage logs (MLflow's own reload-and-predict check at logging is off:
+    it took half of the logging's time) loads through pyfunc and predicts what the checkpoint's network does,
+    at a batch size other than its input example's (2): the batch dimension stays dynamic."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    parents, children = _pipeline_runs(default_repo)
+    pre = next(k for k in children[parents[0].info.run_id] if k.data.tags[runs.TAG_STAGE] == "pretrain")
+    logged = [m for m in default_repo.mlflow_client().search_logged_models([parents[0].info.experiment_id])
+              if m.source_run_id == pre.info.run_id]
+    assert len(logged) == 1
+    served = mlflow.pyfunc.load_model(logged[0].artifact_location)
+    weights = checkpoint.load_weights(default_repo.path / "artifacts/pretrain/model.pt")
+    size = weights["image_size"]
+    batch = np.random.default_rng(1).standard_normal((3, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        expected = checkpoint.build_from_weights(weights)(torch.from_numpy(batch)).numpy()
+    got = np.asarray(served.predict(batch))
+    assert got.shape == expected.shape == (3, len(weights["classes"]))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_mlflow_holds_one_complete_parent_run(default_repo):
     parents, children = _pipeline_runs(default_repo)
     assert len(parents) == 1

@@ -28,11 +28,3 @@ def test_an_orphaned_agent_of_a_test_repo_is_found_and_others_are_not(tmp_path):
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-
-
-
-def test_an_environment_whose_start_a_process_title_wiped_still_gives_the_variables_after_it():
-    # As /proc/PID/environ of a live ray::DashboardAgent read (its title written over the first
-    # variables): NUL bytes, a cut variable, then the rest intact. psutil's environ() gives {} here.
-    raw = b"\0" * 200 + b"ATH=/usr/bin\0IFORMER_TEST_NODE=/tmp/rc-x/head\0A=b=c\0\0"
-    assert leaks.parse_environ(raw) == {"ATH": "/usr/bin", "IFORMER_TEST_NODE": "/tmp/rc-x/head", "A": "b=c"}

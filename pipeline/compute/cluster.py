@@ -14,7 +14,8 @@ Ray that belongs to this process alone:
   it is removed after a clean shutdown;
 - fate-shared: a reaper (`lifecycle.reaper`) stops every process of this Ray
   and removes the temp dir once this process is gone, even after a SIGKILL,
-  and `lifecycle` makes this process die with `dvc`;
+  and `lifecycle` makes this process die with `dvc`; a session that ends
+  normally ends whatever Ray's shutdown left itself (`lifecycle.end_marked`);
 - its training workers run at normal CPU priority (Ray's default starts workers
   at niceness 15, below its own daemons) and its daemons and helper actors at
   a lower one, so on a small machine they do not steal the training threads'
@@ -250,6 +251,9 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[None]:
             if ray.is_initialized():
                 ray.shutdown()
             if tmp is not None:
+                # What Ray's daemons started themselves; then the stage's exit can skip
+                # the interpreter's teardown (`lifecycle.exit_now`) and still leave nothing.
+                lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", str(tmp / TOKEN_FILE))
                 os.environ.pop(API_SERVER_ENV, None)
                 shutil.rmtree(tmp, ignore_errors=True)
 

@@ -161,21 +161,6 @@ def install() -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-#: Whether this process must end with the interpreter's full teardown (see `keep_teardown`).
-_full_exit = False
-
-
-def keep_teardown() -> None:
-    """This process started something (a local Ray) whose own ending `exit_now` must not cut short.
-
-    With the teardown skipped, a local Ray's dashboard left its multiprocessing
-    forkserver running in 3 of 7 test runs (0 of 4 with it): a process that
-    started Ray exits as Python would.
-    """
-    global _full_exit
-    _full_exit = True
-
-
 def exit_now(code: int) -> NoReturn:
     """End the process with `code` as Python would, less the teardown of its modules.
 
@@ -185,12 +170,13 @@ def exit_now(code: int) -> NoReturn:
     standard streams are flushed. Skipped is only the interpreter's freeing of
     its modules and objects, which took 1-2 s per stage process with torch,
     timm and MLflow loaded (measured here, 2 cores), time DVC waited for. A
-    process that started Ray (`keep_teardown`) exits the ordinary way.
+    process that started a local Ray has already seen all of it out
+    (`end_marked`, when its session closed).
     """
     import atexit
 
     shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is None or _full_exit:  # no CPython hook, or a Ray to see out: the ordinary exit
+    if shutdown is None:  # no CPython hook: the ordinary exit
         sys.exit(code)
     shutdown()
     atexit._run_exitfuncs()
@@ -234,9 +220,7 @@ def exclusive(path: Path, what: str) -> None:
 
 
 def reaper(env_key: str, marker: str) -> None:
-    """Clean up after this process whenever it ends: see `reap`. A process that needs a reaper has
-    daemons to see out, and ends with the interpreter's full teardown (`keep_teardown`)."""
-    keep_teardown()
+    """Clean up after this process whenever it ends: see `reap`."""
     subprocess.Popen([sys.executable, "-m", "pipeline.core.lifecycle", str(os.getpid()), env_key, marker],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
@@ -261,24 +245,82 @@ def reap(pid: int, env_key: str, marker: str) -> None:
     except psutil.Error:
         pass
     victims = [p for p in seen.values() if p.pid != os.getpid() and p.is_running()]  # is_running checks pid reuse
-    for proc in psutil.process_iter():
+    end([*victims, *(p for p in marked(env_key, marker) if p.pid not in seen)], grace=5.0)
+    shutil.rmtree(Path(marker).parent, ignore_errors=True)
+
+
+def environ(pid: int) -> dict[str, str]:
+    """A process's environment, read past what a changed process title wiped.
+
+    Ray's agents set their title (`ray::DashboardAgent`) over the memory that also holds the
+    start of their environment: /proc/PID/environ then begins with NUL bytes (psutil reads it as
+    empty), while the variables after the wiped part are still there.
+    """
+    try:
+        return parse_environ(Path(f"/proc/{pid}/environ").read_bytes())
+    except OSError:  # gone, or not ours to read
+        return {}
+
+
+def parse_environ(raw: bytes) -> dict[str, str]:
+    """NUL-separated NAME=value entries; empty and cut entries without '=' are skipped."""
+    pairs = (chunk.decode(errors="replace").partition("=") for chunk in raw.split(b"\0") if b"=" in chunk)
+    return {k: v for k, _, v in pairs}
+
+
+def marked(env_key: str, marker: str) -> list:
+    """Every other process whose environment has `env_key` set to `marker`."""
+    import psutil
+
+    me = os.getpid()
+    return [p for p in psutil.process_iter() if p.pid != me and environ(p.pid).get(env_key) == marker]
+
+
+def end_marked(env_key: str, marker: str, grace: float = 0.5) -> int:
+    """End what is left of a local Ray once it is shut down: its processes carry `marker` in
+    `env_key`. Ray's shutdown stops the daemons it started, but not what they started in turn
+    (the dashboard's multiprocessing forkserver outlived it in 3 of 7 test runs), which would
+    otherwise run on until the reaper came by. Returns how many were still there."""
+    left = marked(env_key, marker)
+    end(left, grace)
+    return len(left)
+
+
+def end(procs: list, grace: float) -> None:
+    """SIGTERM, then SIGKILL whatever is still there after `grace` s (at once when 0)."""
+    import psutil
+
+    for proc in procs:
         try:
-            if proc.pid != os.getpid() and proc.pid not in seen and proc.environ().get(env_key) == marker:
-                victims.append(proc)
-        except psutil.Error:
-            continue
-    for proc in victims:
-        try:
-            proc.terminate()
+            proc.terminate() if grace > 0 else proc.kill()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(victims, timeout=5)
-    for proc in alive:
+    for proc in _running(procs, grace):
         try:
             proc.kill()
         except psutil.Error:
             pass
-    shutil.rmtree(Path(marker).parent, ignore_errors=True)
+    _running(procs, 5.0)
+
+
+def _running(procs: list, timeout: float) -> list:
+    """Those of `procs` still running after up to `timeout` s. A zombie has ended: an orphan's waits
+    for init to reap it, which took a second here (psutil's `wait_procs` counts it as alive)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:  # gone
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+        procs = alive
 
 
 if __name__ == "__main__":
