@@ -1,4 +1,4 @@
-"""`pipeline.compute.renice`: which of a local Ray's processes are daemons, and lowering exactly
+"""`pipeline.compute`: which of a local Ray's processes are daemons, and lowering exactly
 those. Real child processes titled as Ray titles them (`sleep` under another argv[0]); no Ray."""
 from __future__ import annotations
 
@@ -103,3 +103,24 @@ def test_ray_train_polls_at_the_configured_interval():
     cfg = Config.model_validate({"ray": {"poll_interval_s": 1.5}})
     assert cluster._runtime_env_vars(cfg)[cluster.POLL_ENV] == "1.5"
     assert float(cluster._runtime_env_vars(Config())[cluster.POLL_ENV]) == 0.5
+
+
+def test_a_stages_private_ray_runs_no_dataset_manager_or_placement_group_cleaner():
+    """Each of Ray Train's default callbacks here starts one actor, a process of its own: a loop without
+    Ray Datasets gets no dataset manager; a stage's private Ray (which dies with its controller) gets no
+    placement-group cleaner, while a shared Ray (sweeps, clusters) keeps it. The torch backend stays."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.backend_setup import BackendSetupCallback
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from pipeline.compute import trainer
+
+    def kinds(private: bool) -> set[type]:
+        job = trainer.trainer_class(private)(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+        return {type(c) for c in job._create_default_callbacks()}
+
+    private, shared = kinds(True), kinds(False)
+    assert BackendSetupCallback in private and BackendSetupCallback in shared
+    assert DatasetsCallback not in private | shared
+    assert PlacementGroupCleanerCallback not in private and PlacementGroupCleanerCallback in shared

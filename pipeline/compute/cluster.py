@@ -217,17 +217,18 @@ def _start_local(cfg, tmp: Path) -> None:
 
 
 @contextmanager
-def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[None]:
+def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[bool]:
     """Ray for the duration of the block: the configured cluster, or a private local one.
 
     Ray's console output goes to `log_file`; lines our workers print with the
     stage's `[stage]` prefix are shown. A local Ray is shut down and its temp
-    dir removed when the block ends, however it ends.
+    dir removed when the block ends, however it ends. The block is given
+    whether this Ray is the private local one started for it.
     """
     import ray
 
     if ray.is_initialized():  # already set up by this process (tests, sweeps)
-        yield
+        yield False
         return
     addr = address(cfg)
     tmp = renicer = None
@@ -243,7 +244,7 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[None]:
                 renicer = Renicer(cfg.ray.local_daemon_niceness)
             lifecycle.handle_signals()
             console.attach(stage, log_file)
-            yield
+            yield tmp is not None
         finally:
             if renicer is not None:
                 renicer.stop()

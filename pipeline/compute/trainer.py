@@ -48,10 +48,11 @@ def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, sca
     from ray.exceptions import RayError
     from ray.train import TrainingFailedError
 
-    job = trainer_class()(loop, train_loop_config=loop_config, scaling_config=scaling,
-                          run_config=cluster.run_config(cfg, root, run_name), torch_config=cluster.torch_config(cfg))
     log_file = cluster.run_dir(cfg, root, run_name) / "ray.log"
-    with cluster.session(cfg, root, stage, log_file):
+    with cluster.session(cfg, root, stage, log_file) as private:
+        job = trainer_class(private)(loop, train_loop_config=loop_config, scaling_config=scaling,
+                                     run_config=cluster.run_config(cfg, root, run_name),
+                                     torch_config=cluster.torch_config(cfg))
         log.info("Ray's own log: %s", log_file)
         try:
             result = job.fit()
@@ -85,11 +86,14 @@ def recorded_run(cfg, root: Path, run_name: str) -> str | None:
         return None
 
 
-def trainer_class():
+def trainer_class(private: bool = False):
+    """The pipeline's TorchTrainer; `private`: Ray is the stage's own local one (`cluster.session`)."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     class Trainer(TorchTrainer):
-        """TorchTrainer whose Ctrl-C stays a KeyboardInterrupt.
+        """TorchTrainer whose Ctrl-C stays a KeyboardInterrupt, and which starts no actor it has no use for.
 
         Ray's own SIGINT handler aborts the run and exits 0 or 1; ours lets the
         stage mark its MLflow runs KILLED and shut its local Ray down
@@ -98,6 +102,15 @@ def trainer_class():
 
         def _register_sigint_handler(self, controller) -> None:
             return None
+
+        def _create_default_callbacks(self):
+            # Each of these starts an actor, a Python process importing Ray Train (~1 s of CPU, while
+            # the training worker starts on the same cores): Ray Data's dataset manager, which serves
+            # nothing to a loop without Ray Datasets, and the detached placement-group cleaner, which
+            # frees a dead controller's reservation on a cluster that outlives it; a stage's private
+            # Ray dies with its controller. (Sweeps share one Ray among trials: they keep it.)
+            idle = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if private else ())
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, idle)]
 
     return Trainer
 
