@@ -2,9 +2,10 @@
 
 The classification network is timm's (`timm.create_model("iformer_m")`); this
 package adds model construction from the pipeline's config, DeiT-style
-distillation, and the paper's reference figures. Later issues add the dense
-prediction backbone and its mmdet/mmseg registration here.
-"""
-from .models import build_model, count_params, gmacs
+distillation, the paper's reference figures, and the dense prediction backbone
+with its mmdet/mmseg registration (`iformer.dense`).
 
-__all__ = ["build_model", "count_params", "gmacs"]
+Import what you need from its module (`iformer.models`, `iformer.reference`, ...):
+the package itself imports nothing, so reading the paper's figures
+(`iformer.reference`, the experiment table, the report) does not load torch.
+"""

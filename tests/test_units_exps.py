@@ -187,3 +187,16 @@ def test_summary_is_one_line_of_the_workspaces_headlines(tmp_path, monkeypatch, 
     assert first.startswith("[pipeline] this run: top1 80.00 %, top5 95.00 %, params 2.90 M, 0.53 GMACs, ")
     assert "ort 224 px 1.23 ms, torch 224 px 2.50 ms" in first and first.endswith("box AP 34.6, mask AP 30.0, mIoU 38.3, 1235 img/s")
     assert len(first) < 300 and "make exps" in second
+
+
+def test_the_experiment_table_and_the_report_stage_start_without_torch():
+    """Reading dvc's rows and the paper's figures needs no network: `iformer` imports nothing itself and
+    checkpoints import torch where they load or save one (it took 2.4 s of each such command's start)."""
+    import sys
+    from pathlib import Path
+
+    probe = "import sys, pipeline.exps, stages.report; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
