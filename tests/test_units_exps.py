@@ -190,8 +190,9 @@ def test_summary_is_one_line_of_the_workspaces_headlines(tmp_path, monkeypatch, 
 
 
 def test_the_experiment_table_and_the_report_stage_start_without_torch():
-    """Reading dvc's rows and the paper's figures needs no network: `iformer` imports nothing itself and
-    checkpoints import torch where they load or save one (it took 2.4 s of each such command's start)."""
+    """Reading dvc's rows and the paper's figures needs no network: `iformer` imports nothing itself and the
+    report's tables reach for the checkpoint module (torch) only when they are built (torch, timm and
+    torchvision took 2.4 s of each such command's start)."""
     import sys
     from pathlib import Path
 

@@ -17,7 +17,6 @@ from iformer.reference import reference_for
 
 from ..config import Config
 from ..core import layout
-from ..core.checkpoint import describe_source
 from ..core.freshness import describe
 from ..core.outputs import read_stage_manifest
 from ..errors import PipelineError
@@ -184,6 +183,8 @@ def stale_section(stale: dict) -> list[str]:
 
 
 def build(cfg: Config, inputs: Inputs) -> tuple[str, dict]:
+    from ..core.checkpoint import describe_source  # here, not at the top: it imports torch, which `pipeline.exps` does without
+
     ev, stale = inputs.evaluation, inputs.stale
     ref = reference_for(cfg.model.variant)
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
