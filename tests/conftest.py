@@ -207,6 +207,30 @@ def exported(tmp_path_factory) -> Repo:
 
 
 @pytest.fixture
+def orphan():
+    """`orphan(env, title=None, ignore_term=False)`: a `sleep 60` re-parented to init (its shell exits at
+    once), with `env` over ours, titled `title` as Ray titles its agents, ignoring SIGTERM if asked (as
+    Ray's dashboard agent does); its PID. Every one is killed when the test ends."""
+    pids: list[int] = []
+
+    def start(env: dict[str, str], title: str | None = None, ignore_term: bool = False) -> int:
+        trap = "trap '' TERM; " if ignore_term else ""  # an ignored signal stays ignored across exec
+        sleep = f"exec -a '{title}' sleep 60" if title else "sleep 60"
+        script = f"{trap}{sleep} </dev/null >/dev/null 2>&1 & echo $!"
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})  # no pipe held open: the shell's exit ends the run
+        pids.append(int(out.stdout.strip()))
+        return pids[-1]
+
+    yield start
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
 def tiny_repo(tmp_path) -> Repo:
     import copy
 

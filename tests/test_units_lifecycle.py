@@ -1,6 +1,5 @@
 """A stage process's exit (`lifecycle.exit_now`): what Python owes at exit happens, its teardown does not;
 what a local Ray left after its shutdown is ended first (`lifecycle.end_marked`)."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -74,33 +73,19 @@ def test_an_environment_whose_start_a_process_title_wiped_still_gives_the_variab
     assert lifecycle.parse_environ(raw) == {"ATH": "/usr/bin", "IFORMER_TEST_NODE": "/tmp/rc-x/head", "A": "b=c"}
 
 
-def test_what_a_shut_down_ray_left_is_ended_before_the_stage_exits_and_nothing_else(tmp_path):
+def test_what_a_shut_down_ray_left_is_ended_before_the_stage_exits_and_nothing_else(tmp_path, orphan):
     # Orphans as the dashboard's forkserver is one after Ray's shutdown: re-parented to init, the
     # session's marker in its environment; one ignores SIGTERM (as Ray's dashboard agent does).
     marker = str(tmp_path / "auth_token")
-
-    def orphan(value: str, trap: str = "") -> int:
-        script = f"{trap}sleep 60 </dev/null >/dev/null 2>&1 & echo $!"
-        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
-                             env={**os.environ, "RAY_AUTH_TOKEN_PATH": value})
-        return int(out.stdout.strip())
-
-    polite = orphan(marker)
-    stubborn = orphan(marker, trap="trap '' TERM; ")
-    other = orphan(str(tmp_path / "another_ray" / "auth_token"))
-    try:
-        time.sleep(0.2)
-        assert lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", marker, grace=0.5) == 2
-        time.sleep(0.1)
-        assert not _running(polite) and not _running(stubborn)
-        assert _running(other)  # another Ray's (another pipeline's) process is not ours to end
-        assert lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", marker, grace=0.5) == 0
-    finally:
-        for pid in (polite, stubborn, other):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+    polite = orphan({"RAY_AUTH_TOKEN_PATH": marker})
+    stubborn = orphan({"RAY_AUTH_TOKEN_PATH": marker}, ignore_term=True)
+    other = orphan({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "another_ray" / "auth_token")})
+    time.sleep(0.2)
+    assert lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", marker, grace=0.5) == 2
+    time.sleep(0.1)
+    assert not _running(polite) and not _running(stubborn)
+    assert _running(other)  # another Ray's (another pipeline's) process is not ours to end
+    assert lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", marker, grace=0.5) == 0
 
 
 def _running(pid: int) -> bool:
