@@ -44,6 +44,9 @@ PROBE = textwrap.dedent("""
             except psutil.Error:
                 pass
         token = os.environ["RAY_AUTH_TOKEN_PATH"]
+        from ray._private import worker
+        ray_monitor = [info.process.pid for info in worker._global_node.all_processes["monitor"]]
+        found_monitor = [p.pid for p in cluster.autoscaler_monitors()]
         # Someone on this machine with the address but not the token.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         intruder = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs!r}); print('CONNECTED')"],
@@ -51,8 +54,10 @@ PROBE = textwrap.dedent("""
                                   capture_output=True, text=True, timeout=300)
         print(json.dumps({"gcs": gcs, "listeners": listeners, "token": token,
                           "token_mode": os.stat(token).st_mode & 0o777,
-                          "intruder": intruder.stdout + intruder.stderr[-2000:]}))
-    print(json.dumps({"token_left": os.path.exists(token)}))
+                          "intruder": intruder.stdout + intruder.stderr[-2000:],
+                          "ray_monitor": ray_monitor, "found_monitor": found_monitor}))
+    gone = [not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in ray_monitor]
+    print(json.dumps({"token_left": os.path.exists(token), "monitor_gone": gone}))
 """)
 
 
@@ -72,6 +77,10 @@ def test_local_ray_listens_on_loopback_only_and_refuses_callers_without_the_toke
     assert "CONNECTED" not in info["intruder"]
     assert "authentication" in info["intruder"].lower() or "token" in info["intruder"].lower(), info["intruder"]
     assert not after["token_left"], "the run's temp dir (with its token) is removed after shutdown"
+    # The session kills the autoscaler monitor itself before ray.shutdown() (which waits a second for it):
+    # what it finds is the monitor Ray's own node registered, and it is gone afterwards.
+    assert len(info["ray_monitor"]) == 1 and info["found_monitor"] == info["ray_monitor"], info
+    assert after["monitor_gone"] == [True]
 
 
 def test_training_with_two_workers_listens_on_loopback_only(tmp_path):

@@ -250,6 +250,8 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[bool]:
                 renicer.stop()
             console.detach()
             if ray.is_initialized():
+                if tmp is not None:
+                    _end_autoscaler_monitor()
                 ray.shutdown()
             if tmp is not None:
                 # What Ray's daemons started themselves; then the stage's exit can skip
@@ -257,6 +259,35 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[bool]:
                 lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", str(tmp / TOKEN_FILE))
                 os.environ.pop(API_SERVER_ENV, None)
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: The command line of the autoscaler monitor a head node of Ray starts.
+MONITOR_SCRIPT = "autoscaler/_private/monitor.py"
+
+
+def autoscaler_monitors() -> list:
+    """The autoscaler monitor of the Ray this process started (its child, by command line)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if any(MONITOR_SCRIPT in arg for arg in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _end_autoscaler_monitor() -> None:
+    """Kill the private Ray's autoscaler monitor before `ray.shutdown()` stops the rest.
+
+    Ray ends its raylet and GCS first, then sends the monitor SIGTERM and waits
+    1 s for it; the monitor answers SIGTERM by reporting its own death to the
+    GCS that is already gone, so it never exits in time and every shutdown
+    spent that second. A one-node Ray's autoscaler has nothing to clean up.
+    """
+    lifecycle.end(autoscaler_monitors(), grace=0)
 
 
 def storage_path(cfg, root: Path) -> str:
