@@ -30,6 +30,7 @@ import pytest
 from conftest import wait_for  # noqa: F401 (the cluster tests import it from here)
 from leaks import open_paths
 
+from pipeline.compute.cluster import API_SERVER_ENV
 from pipeline.core.lifecycle import end, environ
 
 VENV_BIN = Path(sys.executable).parent
@@ -131,7 +132,10 @@ class LoopbackCluster:
                      "--ray-client-server-port", str(free_port())]
         else:
             args += ["--address", self.address]
-        env = {**self.env, MARKER: marker}
+        # The state API at this cluster's dashboard, said outright: Ray's processes otherwise scan the
+        # machine for one gcs_server, and a stage's private Ray beside this cluster fails that scan; a
+        # placement-group cleaner whose controller died then polls in vain for the rest of the session.
+        env = {**self.env, MARKER: marker, API_SERVER_ENV: self.dashboard_url}
         env.pop("RAY_ADDRESS")
         with open(log, "w") as out:
             proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
