@@ -30,7 +30,7 @@ import pytest
 from conftest import wait_for  # noqa: F401 (the cluster tests import it from here)
 from leaks import open_paths
 
-from pipeline.compute.cluster import API_SERVER_ENV
+from pipeline.compute.local import API_SERVER_ENV
 from pipeline.core.lifecycle import end, environ
 
 VENV_BIN = Path(sys.executable).parent

@@ -29,7 +29,7 @@ PROBE = textwrap.dedent("""
     import json, os, subprocess, sys
     from pathlib import Path
     import psutil
-    from pipeline.compute import cluster
+    from pipeline.compute import cluster, local
     from pipeline.config import Config
 
     with cluster.session(Config(), Path.cwd(), "probe", Path(sys.argv[1]) / "ray.log"):
@@ -46,7 +46,7 @@ PROBE = textwrap.dedent("""
         token = os.environ["RAY_AUTH_TOKEN_PATH"]
         from ray._private import worker
         ray_monitor = [info.process.pid for info in worker._global_node.all_processes["monitor"]]
-        found_monitor = [p.pid for p in cluster.autoscaler_monitors()]
+        found_monitor = [p.pid for p in local.autoscaler_monitors()]
         # Someone on this machine with the address but not the token.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         intruder = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs!r}); print('CONNECTED')"],

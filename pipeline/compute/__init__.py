@@ -1,6 +1,7 @@
 """Ray: the cluster a stage runs on and the Ray Train runs it starts.
 
-`cluster` (connect to a cluster or start a private local one, loopback only),
+`cluster` (connect to a cluster or start a private local one), `local` (that
+private Ray: loopback only, token, its own temp dir),
 `trainer` (the Ray Train run of a stage: seeds, resume, checkpoint pruning),
 `rendezvous` (torch's rendezvous store on loopback) and `renice` (the local
 Ray daemons' CPU priority).

@@ -2,26 +2,15 @@
 
 `ray.address` (or `RAY_ADDRESS`) names a cluster; `check` probes it with a
 bounded timeout before any run is opened. Without one, `session` starts a local
-Ray that belongs to this process alone:
-
-- every listener on loopback: Ray takes 127.0.0.1 as the node address when its
-  "cluster" mode is off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the switch it
-  uses on macOS), and then binds its gRPC, dashboard and metrics servers there;
-- token authentication on, with a fresh random token in the run's own temp dir
-  (`RAY_AUTH_TOKEN_PATH`), so no other user or process can drive it;
-- its own short temp dir (`/tmp/ray-XXXXXXXX`; Unix socket paths are limited to
-  ~107 bytes), so two pipelines on one machine never see each other's session;
-  it is removed after a clean shutdown;
-- fate-shared: a reaper (`lifecycle.reaper`) stops every process of this Ray
-  and removes the temp dir once this process is gone, even after a SIGKILL,
-  and `lifecycle` makes this process die with `dvc`; a session that ends
-  normally ends whatever Ray's shutdown left itself (`lifecycle.end_marked`);
-- its training workers run at normal CPU priority (Ray's default starts workers
-  at niceness 15, below its own daemons) and its daemons and helper actors at
-  a lower one, so on a small machine they do not steal the training threads'
-  cores;
-- torch's rendezvous store for the training workers on loopback too
-  (`rendezvous`), where Ray's torch backend would bind it to every interface.
+Ray that belongs to this process alone (`local`: loopback only, token
+authentication, its own temp dir), fate-shared: a reaper (`lifecycle.reaper`)
+stops every process of this Ray and removes the temp dir once this process is
+gone, even after a SIGKILL, and `lifecycle` makes this process die with `dvc`;
+a session that ends normally ends whatever Ray's shutdown left itself
+(`lifecycle.end_marked`). Its training workers run at normal CPU priority
+(Ray's default starts workers at niceness 15, below its own daemons) and its
+daemons and helper actors at a lower one (`renice`); torch's rendezvous store
+for the training workers stays on loopback too (`rendezvous`).
 
 Ray's own console chatter goes to a log file (`console.attach`); only our lines
 reach the terminal.
@@ -30,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import socket
 import tempfile
@@ -40,15 +28,11 @@ from typing import Iterator
 
 from ..core import console, layout, lifecycle
 from ..errors import PipelineError
+from . import local
 from .renice import Renicer
 
 log = logging.getLogger(__name__)
 
-#: The local Ray's token file; its path in a process's environment marks that
-#: process as this run's (see `lifecycle.reaper`).
-TOKEN_FILE = "auth_token"
-#: Where Ray's processes find the state API (the dashboard) of the local Ray.
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 #: What the workers need to reach the tracking server; credentials come from
 #: the driver's environment, never from params.yaml.
@@ -160,62 +144,6 @@ def _connect(cfg, addr: str) -> None:
                             "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH in the environment") from None
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_local(cfg, tmp: Path) -> None:
-    token = tmp / TOKEN_FILE
-    token.touch(mode=0o600)
-    token.write_text(secrets.token_hex(32))
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-                      RAY_TRAIN_ENABLE_PRINT_PATCH="0",
-                      # A one-machine Ray has no node to lose to preemption and no one scraping
-                      # Train's Prometheus metrics: each would cost an actor process or a callback
-                      # and its polling in every stage's start.
-                      RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_METRICS_ENABLED="0",
-                      # Ray starts every worker at niceness 15, below its own
-                      # daemons: here the training workers must come first.
-                      RAY_worker_niceness="0")
-    os.environ.pop("RAY_AUTH_TOKEN", None)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    # Ray reads both switches from the environment when it is imported; this
-    # process may have imported it already (the Ray processes it starts read
-    # them fresh). Ray's own token set-up refreshes its config the same way.
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-    # Ray's processes find the state API (in the dashboard) by scanning the
-    # machine for a gcs_server unless told where it is; with a second Ray on
-    # the machine (another pipeline, a test cluster) that scan fails inside
-    # Train V2's placement-group cleaner, whose placement groups then stay
-    # reserved and starve the next worker group. So: our port, said outright.
-    api = f"http://127.0.0.1:{_free_loopback_port()}"
-    os.environ[API_SERVER_ENV] = api
-    ray.init(
-        num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
-        # The dashboard hosts Ray's state API, which Train V2's controller and
-        # Tune poll; without it they warn in a loop (or hang).
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=int(api.rsplit(":", 1)[1]),
-        _temp_dir=str(tmp),
-        runtime_env={"env_vars": {**_runtime_env_vars(cfg), API_SERVER_ENV: api}},
-        configure_logging=False,
-        log_to_driver=True,
-    )
-    gcs = ray.get_runtime_context().gcs_address
-    if not gcs.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
-        ray.shutdown()
-        raise PipelineError(f"ray: the local Ray came up at {gcs}, not on loopback; refusing to run")
-
-
 @contextmanager
 def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[bool]:
     """Ray for the duration of the block: the configured cluster, or a private local one.
@@ -239,8 +167,8 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[bool]:
                 _connect(cfg, addr)
             else:
                 tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
-                lifecycle.reaper("RAY_AUTH_TOKEN_PATH", str(tmp / TOKEN_FILE))
-                _start_local(cfg, tmp)
+                lifecycle.reaper("RAY_AUTH_TOKEN_PATH", str(tmp / local.TOKEN_FILE))
+                local.start(cfg.ray.local_num_cpus or os.cpu_count(), tmp, _runtime_env_vars(cfg))
                 renicer = Renicer(cfg.ray.local_daemon_niceness)
             lifecycle.handle_signals()
             console.attach(stage, log_file)
@@ -251,43 +179,14 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[bool]:
             console.detach()
             if ray.is_initialized():
                 if tmp is not None:
-                    _end_autoscaler_monitor()
+                    local.end_autoscaler_monitor()
                 ray.shutdown()
             if tmp is not None:
                 # What Ray's daemons started themselves; then the stage's exit can skip
                 # the interpreter's teardown (`lifecycle.exit_now`) and still leave nothing.
-                lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", str(tmp / TOKEN_FILE))
-                os.environ.pop(API_SERVER_ENV, None)
+                lifecycle.end_marked("RAY_AUTH_TOKEN_PATH", str(tmp / local.TOKEN_FILE))
+                os.environ.pop(local.API_SERVER_ENV, None)
                 shutil.rmtree(tmp, ignore_errors=True)
-
-
-#: The command line of the autoscaler monitor a head node of Ray starts.
-MONITOR_SCRIPT = "autoscaler/_private/monitor.py"
-
-
-def autoscaler_monitors() -> list:
-    """The autoscaler monitor of the Ray this process started (its child, by command line)."""
-    import psutil
-
-    found = []
-    for child in psutil.Process().children():
-        try:
-            if any(MONITOR_SCRIPT in arg for arg in child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _end_autoscaler_monitor() -> None:
-    """Kill the private Ray's autoscaler monitor before `ray.shutdown()` stops the rest.
-
-    Ray ends its raylet and GCS first, then sends the monitor SIGTERM and waits
-    1 s for it; the monitor answers SIGTERM by reporting its own death to the
-    GCS that is already gone, so it never exits in time and every shutdown
-    spent that second. A one-node Ray's autoscaler has nothing to clean up.
-    """
-    lifecycle.end(autoscaler_monitors(), grace=0)
 
 
 def storage_path(cfg, root: Path) -> str:
