@@ -38,7 +38,7 @@ def bare_loop(cfg, prepared, epochs: int, threads: int) -> list[dict]:
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     opt = create_optimizer_v2(model, opt=cfg.optim.name, lr=cfg.lr, weight_decay=cfg.optim.weight_decay,
-                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=cfg.optim.fused)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
     rows = []
     for _ in range(epochs):
@@ -125,7 +125,8 @@ def timm_train(train_py: Path, folder: Path, cfg: dict, epochs: int, out: Path) 
             "--interpolation", a["interpolation"], "--reprob", "0", "--mixup", "0", "--cutmix", "0",
             "--crop-pct", str(a["crop_pct"]), "-j", str(cfg["data"]["loader_workers"]), "--device", "cpu",
             "--no-prefetcher", "--log-interval", "10", "--seed", "0", "--checkpoint-hist", "1",
-            "--output", str(out)] + (["--channels-last"] if t["channels_last"] else [])
+            "--output", str(out)] + (["--channels-last"] if t["channels_last"] else []) \
+        + (["--opt-kwargs", "fused=True"] if o["fused"] else [])
     proc = subprocess.run([sys.executable, str(train_py), *args], capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "PYTHONPATH": ""})
     rates = {int(m[1]): float(m[2]) for m in EPOCH_END.finditer(proc.stdout + proc.stderr)}

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..compute.trainer import seed_everything
+from ..compute.trainer import keep_layouts, seed_everything
 from ..config import Config
 from ..core import console
 from ..core.checkpoint import STATE_FILE, check_compatible, load_release_into, load_resume_state, load_training_state
@@ -97,7 +97,8 @@ def build_components(cfg: Config, num_classes: int, device: torch.device, steps_
         model = torch.compile(model)
     o = cfg.optim
     optimizer = create_optimizer_v2(bare, opt=o.name, lr=cfg.lr, weight_decay=o.weight_decay,
-                                    betas=tuple(o.betas), eps=o.eps)
+                                    betas=tuple(o.betas), eps=o.eps, fused=o.fused)
+    keep_layouts(optimizer)
     total = cfg.train.epochs * steps_per_epoch
     warmup = min(int(round(cfg.schedule.warmup_epochs * steps_per_epoch)), max(total - 1, 0))
     scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=cfg.schedule.min_lr,

@@ -1,7 +1,8 @@
 """Running a train loop on Ray Train the pipeline's way; shared by pretrain and the dense stages.
 
 :func:`seed_everything` (in each worker) draws every random number of a run
-from its seed and picks deterministic kernels.
+from its seed and picks deterministic kernels; :func:`keep_layouts` keeps a
+fused optimizer's tensors in their weights' memory layout.
 
 :func:`fit` starts (or joins) Ray through :func:`cluster.session`, runs a
 `TorchTrainer` whose Ctrl-C stays ours, and turns a failed run into one
@@ -41,6 +42,33 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def keep_layouts(optimizer) -> None:
+    """Before each step of a fused optimizer, give every gradient and moment its weight's strides.
+
+    The fused kernel walks weights, gradients and moments as flat memory in one pass, and on a
+    CPU torch 2.14 does not check that they share a layout: an NHWC (channels_last) weight next
+    to an NCHW gradient or moment silently takes other elements' updates. Autograd lays gradients
+    out like their weights, but moments loaded from a run in the other layout (`train.resume_from`)
+    or a hand-made gradient do not follow. Copies happen only where the strides differ.
+    """
+    if not optimizer.defaults.get("fused"):
+        return
+    import torch
+
+    def align(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                strides = p.stride()
+                if p.grad is not None and p.grad.stride() != strides:
+                    p.grad = torch.empty_like(p).copy_(p.grad)
+                state = opt.state.get(p) or {}
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == p.shape and value.stride() != strides:
+                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+    optimizer.register_step_pre_hook(align)
 
 
 def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, scaling):

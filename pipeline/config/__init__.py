@@ -111,6 +111,9 @@ class OptimConfig(Section):
     betas: Pair = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     clip_grad: Optional[float] = Field(None, gt=0.0)
+    # torch's fused AdamW kernel (CPU, CUDA): one pass over every weight a step; false: the
+    # per-tensor loop torch picks on a CPU by default (timm's train.py: --opt-kwargs fused=True).
+    fused: bool = True
 
 
 class ScheduleConfig(Section):

@@ -161,7 +161,8 @@ def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int,
             dict(type="MultiStepLR", begin=0, end=t.epochs, by_epoch=True, milestones=list(t.milestones), gamma=0.1),
         ],
         optim_wrapper=dict(type="OptimWrapper",
-                           optimizer=dict(type="AdamW", lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)),
+                           optimizer=dict(type="AdamW", lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay,
+                                          fused=t.fused_optimizer)),
         visualizer=dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")], name="visualizer"),
     )
 
@@ -229,6 +230,7 @@ def segmentation(cfg, data: dict, work_dir: str, init: str | None, workers: int,
         test_cfg=dict(type="TestLoop"),
         param_scheduler=scheduler,
         optim_wrapper=dict(type="OptimWrapper",
-                           optimizer=dict(type="AdamW", lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)),
+                           optimizer=dict(type="AdamW", lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay,
+                                          fused=t.fused_optimizer)),
         visualizer=dict(type="SegLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")], name="visualizer"),
     )

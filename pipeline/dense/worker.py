@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from mmengine.runner import Runner
 
-from ..compute.trainer import seed_everything
+from ..compute.trainer import keep_layouts, seed_everything
 from ..config import Config
 from ..core.console import say
 from . import configs
@@ -36,12 +36,18 @@ class ChannelsLastRunner(Runner):
     """mmengine's Runner, with the network put in channels_last (NHWC) memory before it is wrapped
     when its config says `channels_last`. The convolutions follow their weights' layout (oneDNN on
     CPUs, cuDNN on GPUs), so the batches stay as the data preprocessor makes them; converting
-    before the wrap lays DDP's gradient buckets out like the parameters they mirror."""
+    before the wrap lays DDP's gradient buckets out like the parameters they mirror. A fused
+    optimizer keeps its gradients and moments in the same layout (`trainer.keep_layouts`)."""
 
     def wrap_model(self, model_wrapper_cfg, model):
         if self.cfg.get("channels_last", False):
             model = model.to(memory_format=torch.channels_last)
         return super().wrap_model(model_wrapper_cfg, model)
+
+    def build_optim_wrapper(self, optim_wrapper):
+        wrapper = super().build_optim_wrapper(optim_wrapper)
+        keep_layouts(wrapper.optimizer)  # `*.train.fused_optimizer`
+        return wrapper
 
 
 def build_config(cfg: Config, task: str, data: dict, work_dir: str, init: str | None, world: int,
