@@ -162,9 +162,11 @@ class LoopbackCluster:
         return int(lines[-1]) if out.returncode == 0 and lines and lines[-1].isdigit() else 0
 
     def stop(self) -> None:
+        """The session's end: nothing on the cluster is kept, so no node gets the 10 s of a graceful stop
+        (its dashboard agent ignores SIGTERM and used to hold each node's stop for the whole grace)."""
         for node in reversed(self.nodes):
             if not node.stopped or node.proc.poll() is None:
-                node.stop()
+                node.stop(grace=1.0)
         time.sleep(2)  # an agent a dying raylet started late: found by the cluster's dir, ended too
         kill_marked(str(self.short), grace=0)
         shutil.rmtree(self.short, ignore_errors=True)
