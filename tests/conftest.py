@@ -38,6 +38,18 @@ TINY = {
 }
 
 
+def _dense_data():
+    from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
+
+    return ({"root": "/data/coco", "classes": list(DIGIT_CLASSES)},
+            {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseSegDataset",
+             "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]})
+
+
+#: The dense stages' `data` entries for building their mmengine configs (digit classes; no files read).
+DET_DATA, SEG_DATA = _dense_data()
+
+
 def wait_for(predicate, timeout: float, what: str):
     """`predicate()`'s first truthy value, polled every 0.5 s; an AssertionError after `timeout` seconds."""
     deadline = time.time() + timeout

@@ -4,18 +4,15 @@ import copy
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import DET_DATA, ROOT, SEG_DATA
 from pipeline.core import layout
 from pipeline.config import apply
 from pipeline.config import Config, parse_config
 from pipeline.dense import configs
-from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
+from pipeline.dense.scenes import SEG_CLASSES
 from pipeline.dense.worker import build_config
 from pipeline.errors import PipelineError
 
-DET_DATA = {"root": "/data/coco", "classes": list(DIGIT_CLASSES)}
-SEG_DATA = {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseSegDataset",
-            "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]}
 
 
 def _types(pipeline):

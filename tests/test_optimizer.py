@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from conftest import DET_DATA, SEG_DATA
 
 from pipeline.config import Config
 
@@ -29,7 +30,7 @@ def test_the_pretrain_optimizer_is_adamw_fused_as_configured(fused):
 
     cfg = Config.model_validate({"data": {"image_size": 32}, "optim": {"fused": fused},
                                  "train": {"batch_size": 8, "epochs": 1}})
-    assert Config().optim.fused is True, "params.yaml's default: the fused kernel"
+    assert Config().optim.fused is True, "the default (params.yaml spells it): the fused kernel"
     c = build_components(cfg, 10, torch.device("cpu"), steps_per_epoch=4)
     opt = c.optimizer
     assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is fused
@@ -51,12 +52,9 @@ def test_the_pretrain_optimizer_is_adamw_fused_as_configured(fused):
 def test_the_dense_runners_build_a_fused_adamw(task):
     from mmengine.optim import build_optim_wrapper
 
-    from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
     from pipeline.dense.worker import build_config
 
-    data = ({"root": "/data/coco", "classes": list(DIGIT_CLASSES)} if task == "detection" else
-            {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseSegDataset",
-             "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]})
+    data = DET_DATA if task == "detection" else SEG_DATA
     for fused in (True, False):
         cfg = Config.model_validate({task: {"train": {"fused_optimizer": fused}}})
         mm = build_config(cfg, task, data, "/tmp/w", None, 1, False)
