@@ -37,6 +37,17 @@ def test_is_daemon(cmdline, name, daemon):
     assert Renicer.is_daemon(cmdline, name) is daemon
 
 
+#: A process that starts three more threads, says so, and sleeps.
+THREADED = ("import threading, time\n"
+            "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "print('3 threads up', flush=True); time.sleep(60)")
+
+
+def thread_niceness(proc: psutil.Process) -> set[int]:
+    """The niceness of each of its threads (on Linux each thread has its own)."""
+    return {os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()}
+
+
 @pytest.fixture
 def ray_like(tmp_path):
     """Child processes titled like a Ray node's: {title: process}, killed afterwards."""
@@ -49,7 +60,11 @@ def ray_like(tmp_path):
         "ray::RayTrainWorker.train_fn": subprocess.Popen(["ray::RayTrainWorker.train_fn", "60"], executable=sleep),
         "ray::IDLE": subprocess.Popen(["ray::IDLE", "60"], executable=sleep),
         "raylet": subprocess.Popen([str(raylet), "60"]),
+        # a daemon with threads besides its main one, as Ray's all are (gRPC pollers, event loops)
+        "ray::TrainController.run": subprocess.Popen(["ray::TrainController.run", "-c", THREADED],
+                                                     executable=PY, stdout=subprocess.PIPE, text=True),
     }
+    assert spawned["ray::TrainController.run"].stdout.readline().strip() == "3 threads up"
     yield {title: psutil.Process(p.pid) for title, p in spawned.items()}
     for p in spawned.values():
         p.kill()
@@ -63,11 +78,12 @@ def test_renicer_lowers_only_the_daemons(ray_like):
     assert psutil.Process(ray_like["raylet"].pid).name() == "raylet"
     renicer = Renicer(base + 3)  # scans once at once, then every 2 s
     try:
-        got = {title: proc.nice() for title, proc in ray_like.items()}
+        got = {title: thread_niceness(proc) for title, proc in ray_like.items()}
     finally:
         renicer.stop()
-    assert got == {"ray::DashboardAgent": base + 3, "gcs_server": base + 3,
-                   "ray::RayTrainWorker.train_fn": base, "ray::IDLE": base, "raylet": base}
+    assert len(ray_like["ray::TrainController.run"].threads()) == 4
+    assert got == {"ray::DashboardAgent": {base + 3}, "gcs_server": {base + 3}, "ray::TrainController.run": {base + 3},
+                   "ray::RayTrainWorker.train_fn": {base}, "ray::IDLE": {base}, "raylet": {base}}
     assert not renicer.thread.is_alive()
 
 
@@ -75,7 +91,7 @@ def test_renicer_at_zero_does_nothing(ray_like):
     base = os.nice(0)
     renicer = Renicer(0)
     assert renicer.thread is None
-    assert {proc.nice() for proc in ray_like.values()} == {base}
+    assert set().union(*map(thread_niceness, ray_like.values())) == {base}
     renicer.stop()
 
 
@@ -124,3 +140,25 @@ def test_a_stages_private_ray_runs_no_dataset_manager_or_placement_group_cleaner
     assert BackendSetupCallback in private and BackendSetupCallback in shared
     assert DatasetsCallback not in private | shared
     assert PlacementGroupCleanerCallback not in private and PlacementGroupCleanerCallback in shared
+
+
+def test_deterministic_mode_keeps_its_kernels_without_torchs_nan_filling():
+    """`train.deterministic` picks deterministic kernels, but not torch's debugging aid that comes
+    with them (NaN written into every new tensor, a few % of each step); the seed still decides."""
+    import torch
+
+    from pipeline.compute.trainer import seed_everything
+
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        seed_everything(7, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+        first = torch.rand(3)
+        seed_everything(7, deterministic=True)
+        assert torch.equal(torch.rand(3), first)
+        seed_everything(7, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = True

@@ -37,10 +37,24 @@ class Renicer:
 
         for proc in psutil.Process().children(recursive=True):
             try:
-                if self.is_daemon(proc.cmdline(), proc.name()) and proc.nice() < self.niceness:
-                    proc.nice(self.niceness)
+                if self.is_daemon(proc.cmdline(), proc.name()):
+                    self.lower(proc)
             except (psutil.Error, OSError):
                 continue  # gone, or not ours to change
+
+    def lower(self, proc) -> None:
+        """Every thread of `proc`: on Linux a niceness belongs to one thread, and setting a
+        process's (`setpriority` on its pid) changes only its main thread's, while a daemon's
+        gRPC pollers and event loops run in the others. Threads it starts later inherit the
+        niceness of the thread that starts them, so the next scan catches those."""
+        import os
+
+        for thread in proc.threads():
+            try:
+                if os.getpriority(os.PRIO_PROCESS, thread.id) < self.niceness:
+                    os.setpriority(os.PRIO_PROCESS, thread.id, self.niceness)
+            except OSError:
+                continue  # ended since the listing
 
     @staticmethod
     def is_daemon(cmdline: list[str], name: str) -> bool:
