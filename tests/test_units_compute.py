@@ -1,7 +1,9 @@
 """`pipeline.compute`: which of a local Ray's processes are daemons, and lowering exactly
-those. Real child processes titled as Ray titles them (`sleep` under another argv[0]); no Ray."""
+those (every thread of them). Real child processes titled as Ray titles them (`sleep` or
+Python under another argv[0]); no Ray. Also what `seed_everything`'s deterministic mode sets."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -149,16 +151,32 @@ def test_deterministic_mode_keeps_its_kernels_without_torchs_nan_filling():
 
     from pipeline.compute.trainer import seed_everything
 
-    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
     try:
-        seed_everything(7, deterministic=True)
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.utils.deterministic.fill_uninitialized_memory is False
-        first = torch.rand(3)
-        seed_everything(7, deterministic=True)
-        assert torch.equal(torch.rand(3), first)
-        seed_everything(7, deterministic=False)
-        assert not torch.are_deterministic_algorithms_enabled()
+        with torch.random.fork_rng(), _python_and_numpy_rng_kept():
+            seed_everything(7, deterministic=True)
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.utils.deterministic.fill_uninitialized_memory is False
+            first = torch.rand(3)
+            seed_everything(7, deterministic=True)
+            assert torch.equal(torch.rand(3), first)
+            seed_everything(7, deterministic=False)
+            assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.utils.deterministic.fill_uninitialized_memory = True
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+
+
+@contextlib.contextmanager
+def _python_and_numpy_rng_kept():
+    import random
+
+    import numpy as np
+
+    state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
