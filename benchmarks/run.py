@@ -12,6 +12,9 @@ P1  pretrain-stage training throughput (the Ray Train loop, steady epochs) / a b
     (2 threads, eager, no prefetcher). Interleaved repetitions, median ratios.
     Goals >= 0.97 (bare) and >= 1.0 (timm). timm's train.py is not in its wheel: give
     its path (from github.com/huggingface/pytorch-image-models); it is never committed.
+    Known share of the 2-thread gap: Ray Train V2 runs the loop in a second thread of its
+    worker actor, whose main thread takes the GIL for Ray's signal check every 10 ms
+    (hard-coded in Ray); the same loop measured 0.94x in an actor's thread vs a Ray task.
 P2  fixed overhead of the pretrain stage: its wall time (`python -m stages.pretrain`,
     default config, model logged) minus the time of its epochs. Goal <= 10 s.
 P3  CPU latency of iformer_m at 224, batch 1: fused / unfused, the deploy form / unfused,
