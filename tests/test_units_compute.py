@@ -180,3 +180,18 @@ def _python_and_numpy_rng_kept():
     finally:
         random.setstate(state[0])
         np.random.set_state(state[1])
+
+
+def test_renicer_elsewhere_lowers_the_process(ray_like, monkeypatch):
+    """Off Linux (macOS) a niceness is the process's and thread ids are no process ids: the
+    renicer sets the process's, as `psutil.Process.nice` does (here: the main thread's)."""
+    import sys
+
+    base = os.nice(0)
+    if base > 15:
+        pytest.skip(f"this process already runs at niceness {base}")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    Renicer(base + 3).stop()
+    assert {title: proc.nice() for title, proc in ray_like.items()} == {
+        "ray::DashboardAgent": base + 3, "gcs_server": base + 3, "ray::TrainController.run": base + 3,
+        "ray::RayTrainWorker.train_fn": base, "ray::IDLE": base, "raylet": base}

@@ -46,9 +46,15 @@ class Renicer:
         """Every thread of `proc`: on Linux a niceness belongs to one thread, and setting a
         process's (`setpriority` on its pid) changes only its main thread's, while a daemon's
         gRPC pollers and event loops run in the others. Threads it starts later inherit the
-        niceness of the thread that starts them, so the next scan catches those."""
+        niceness of the thread that starts them, so the next scan catches those. Elsewhere
+        (macOS) a niceness is the process's, and its thread ids are no process ids."""
         import os
+        import sys
 
+        if not sys.platform.startswith("linux"):
+            if proc.nice() < self.niceness:
+                proc.nice(self.niceness)
+            return
         for thread in proc.threads():
             try:
                 if os.getpriority(os.PRIO_PROCESS, thread.id) < self.niceness:
