@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The 2-node loopback cluster and its MLflow server, one for the session (`cluster_fixture.cluster`);
@@ -38,16 +40,10 @@ TINY = {
 }
 
 
-def _dense_data():
-    from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
-
-    return ({"root": "/data/coco", "classes": list(DIGIT_CLASSES)},
-            {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseSegDataset",
-             "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]})
-
-
 #: The dense stages' `data` entries for building their mmengine configs (digit classes; no files read).
-DET_DATA, SEG_DATA = _dense_data()
+DET_DATA = {"root": "/data/coco", "classes": list(DIGIT_CLASSES)}
+SEG_DATA = {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseSegDataset",
+            "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]}
 
 
 def wait_for(predicate, timeout: float, what: str):

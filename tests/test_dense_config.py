@@ -14,7 +14,6 @@ from pipeline.dense.worker import build_config
 from pipeline.errors import PipelineError
 
 
-
 def _types(pipeline):
     return [step["type"] for step in pipeline]
 

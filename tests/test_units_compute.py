@@ -51,6 +51,15 @@ def thread_niceness(proc: psutil.Process) -> set[int]:
 
 
 @pytest.fixture
+def base() -> int:
+    """This process's niceness, with room above it for the renicer to lower daemons to."""
+    niceness = os.nice(0)
+    if niceness > 15:
+        pytest.skip(f"this process already runs at niceness {niceness}")
+    return niceness
+
+
+@pytest.fixture
 def ray_like(tmp_path):
     """Child processes titled like a Ray node's: {title: process}, killed afterwards."""
     sleep = shutil.which("sleep")
@@ -73,10 +82,7 @@ def ray_like(tmp_path):
         p.wait()
 
 
-def test_renicer_lowers_only_the_daemons(ray_like):
-    base = os.nice(0)
-    if base > 15:
-        pytest.skip(f"this process already runs at niceness {base}")
+def test_renicer_lowers_only_the_daemons(ray_like, base):
     assert psutil.Process(ray_like["raylet"].pid).name() == "raylet"
     renicer = Renicer(base + 3)  # scans once at once, then every 2 s
     try:
@@ -97,10 +103,7 @@ def test_renicer_at_zero_does_nothing(ray_like):
     renicer.stop()
 
 
-def test_renicer_never_raises_a_daemons_priority(ray_like):
-    base = os.nice(0)
-    if base > 15:
-        pytest.skip(f"this process already runs at niceness {base}")
+def test_renicer_never_raises_a_daemons_priority(ray_like, base):
     agent = ray_like["ray::DashboardAgent"]
     agent.nice(base + 4)  # already lower than asked
     Renicer(base + 2).stop()
@@ -182,14 +185,11 @@ def _python_and_numpy_rng_kept():
         np.random.set_state(state[1])
 
 
-def test_renicer_elsewhere_lowers_the_process(ray_like, monkeypatch):
+def test_renicer_elsewhere_lowers_the_process(ray_like, base, monkeypatch):
     """Off Linux (macOS) a niceness is the process's and thread ids are no process ids: the
     renicer sets the process's, as `psutil.Process.nice` does (here: the main thread's)."""
     import sys
 
-    base = os.nice(0)
-    if base > 15:
-        pytest.skip(f"this process already runs at niceness {base}")
     monkeypatch.setattr(sys, "platform", "darwin")
     Renicer(base + 3).stop()
     assert {title: proc.nice() for title, proc in ray_like.items()} == {
