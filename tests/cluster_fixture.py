@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_for  # noqa: F401 (the cluster tests import it from here)
+from conftest import MLFLOW_SERVER_ENV, wait_for  # noqa: F401 (the cluster tests import wait_for from here)
 from leaks import open_paths
 
 from pipeline.compute.local import API_SERVER_ENV
@@ -182,7 +182,7 @@ class MlflowServer:
         args = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--backend-store-uri", f"sqlite:///{base / 'mlflow-server.db'}", "--serve-artifacts",
                 "--artifacts-destination", str(base / "mlflow-artifacts"), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **MLFLOW_SERVER_ENV}
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._healthy, 120, f"the MLflow server ({self.log})")

@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import TINY, deep_update, make_repo
+from conftest import MLFLOW_SERVER_ENV, TINY, deep_update, make_repo
 
 from pipeline.tracking import runs
 
@@ -120,7 +120,8 @@ def server(two_runs, tmp_path_factory):
     bin_dir = shutil.which("mlflow", path=str(sys.executable.rsplit("/", 1)[0]))
     proc = subprocess.Popen([bin_dir, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{two_runs.path / 'mlflow' / 'mlflow.db'}"],
-                            cwd=two_runs.path, env=two_runs.env, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=two_runs.path, env={**two_runs.env, **MLFLOW_SERVER_ENV}, stdout=log,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
