@@ -30,10 +30,11 @@ bench: setup
 	python -m benchmarks.run
 
 # The URL opens the experiment's runs table (model-training view), not MLflow's GenAI home page.
-# No MLflow job runner: the pipeline submits no GenAI jobs, and it is eight more processes (README).
+# One web worker and no MLflow job runner: a one-user UI, and the pipeline submits no GenAI jobs (README).
 mlflow-ui: setup
 	@python -m pipeline.store --url
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
+		--host 127.0.0.1 --port 5000 --workers 1
 
 exps: setup
 	python -m pipeline.exps
