@@ -46,11 +46,6 @@ SEG_DATA = {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseS
             "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]}
 
 
-#: `mlflow server` as the tests start it: without MLflow's job runner (eight more processes, about
-#: 1.8 GiB and 17 s of CPU at start, for GenAI jobs no stage or test submits; see README).
-MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
 def wait_for(predicate, timeout: float, what: str):
     """`predicate()`'s first truthy value, polled every 0.5 s; an AssertionError after `timeout` seconds."""
     deadline = time.time() + timeout

@@ -10,14 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
-from conftest import MLFLOW_SERVER_ENV, TINY, deep_update, make_repo
+from cluster_fixture import MlflowServer
+from conftest import TINY, deep_update, make_repo
 
 from pipeline.tracking import runs
 
@@ -107,41 +104,15 @@ def test_parents_hold_headlines_and_the_report_compares_runs(two_runs):
     assert {"report/report.html", "report/report.md", "report/report.json", "report/pareto_onnxruntime.png"} <= files
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(two_runs, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("mlflow-server") / "server.log", "w")
-    bin_dir = shutil.which("mlflow", path=str(sys.executable.rsplit("/", 1)[0]))
-    proc = subprocess.Popen([bin_dir, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{two_runs.path / 'mlflow' / 'mlflow.db'}"],
-                            cwd=two_runs.path, env={**two_runs.env, **MLFLOW_SERVER_ENV}, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    """The UI over the two runs' own store (`mlflow/mlflow.db` in their repo): its URL."""
+    ui = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), store=two_runs.path / "mlflow" / "mlflow.db",
+                      env=two_runs.env, cwd=two_runs.path)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"mlflow server did not come up: {open(log.name).read()[-3000:]}")
-                time.sleep(1)
-        yield url
+        yield ui.uri
     finally:
-        proc.terminate()  # by its PID
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        ui.stop()
 
 
 @pytest.fixture(scope="module")
