@@ -1,6 +1,7 @@
 """`pipeline.compute`: which of a local Ray's processes are daemons, and lowering exactly
 those (every thread of them). Real child processes titled as Ray titles them (`sleep` or
-Python under another argv[0]); no Ray. Also what `seed_everything`'s deterministic mode sets."""
+Python under another argv[0]); no Ray. Also what `seed_everything`'s deterministic mode sets,
+and how many threads a training worker computes with."""
 from __future__ import annotations
 
 import contextlib
@@ -195,3 +196,28 @@ def test_renicer_elsewhere_lowers_the_process(ray_like, base, monkeypatch):
     assert {title: proc.nice() for title, proc in ray_like.items()} == {
         "ray::DashboardAgent": base + 3, "gcs_server": base + 3, "ray::TrainController.run": base + 3,
         "ray::RayTrainWorker.train_fn": base, "ray::IDLE": base, "raylet": base}
+
+
+@contextlib.contextmanager
+def pinned_to(cpus: set[int]):
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_compute_threads_never_exceed_the_cpus_this_process_may_run_on():
+    from pipeline.compute.trainer import compute_threads
+
+    one = min(os.sched_getaffinity(0))
+    with pinned_to({one}):  # as `taskset -c N`, a cpuset, or `--pin-workers` leave a stage
+        assert [compute_threads(c) for c in (0.25, 1.0, 2.0, 16.0)] == [1, 1, 1, 1]
+    allowed = len(os.sched_getaffinity(0))
+    assert compute_threads(0.5) == 1  # a fractional reservation still computes
+    assert compute_threads(1.0) == 1
+    assert compute_threads(1.9) == 1  # whole CPUs only, as Ray reserved them
+    assert compute_threads(float(allowed)) == allowed
+    assert compute_threads(float(allowed + 3)) == allowed

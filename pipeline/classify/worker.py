@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..compute.trainer import keep_layouts, seed_everything
+from ..compute.trainer import compute_threads, keep_layouts, seed_everything
 from ..config import Config
 from ..core import console
 from ..core.checkpoint import STATE_FILE, check_compatible, load_release_into, load_resume_state, load_training_state
@@ -280,8 +280,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed + rank, cfg.train.deterministic)
-    if device.type == "cpu":  # compute threads = the CPUs Ray reserved for this worker
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    if device.type == "cpu":  # compute threads = the CPUs Ray reserved for this worker (that it may run on)
+        torch.set_num_threads(compute_threads(cfg.ray.cpus_per_worker))
 
     prepared = Prepared.load(Path(config["prepared_dir"]))
     num_classes = prepared.num_classes

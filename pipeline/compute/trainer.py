@@ -50,6 +50,17 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def compute_threads(cpus: float) -> int:
+    """torch's intra-op threads for a worker Ray reserved `cpus` CPUs for: that many, but no more than
+    the CPUs this process may run on (a cpuset, `taskset`, a batch scheduler's allocation), which Ray's
+    workers inherit and Ray's CPU count does not see. A thread beyond those CPUs only waits in
+    OpenMP's barriers for the others to be scheduled."""
+    import os
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(int(cpus), allowed))
+
+
 def keep_layouts(optimizer) -> None:
     """Before each step of a fused optimizer, give every gradient and moment its weight's strides.
 

@@ -30,7 +30,8 @@ class DenseRayConfig(Section):
     # Torch threads per worker (and the CPUs Ray reserves for it): the cores the stage is given,
     # as pretrain's `ray.cpus_per_worker`. On a quiet 2-core machine two threads train Semantic
     # FPN 1.15x faster than one; on a machine busy with other work, OpenMP threads wait on
-    # each other and one thread is steadier (set 1).
+    # each other and one thread is steadier (set 1). Never more threads than the CPUs the worker
+    # may run on (a cpuset, `taskset`): `compute.trainer.compute_threads`.
     cpus_per_worker: float = Field(2.0, gt=0.0, le=MAX_THREADS)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from mmengine.runner import Runner
 
-from ..compute.trainer import keep_layouts, seed_everything
+from ..compute.trainer import compute_threads, keep_layouts, seed_everything
 from ..config import Config
 from ..core.console import say
 from . import configs
@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
     section = getattr(cfg, task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(section.ray.cpus_per_worker)))
+    torch.set_num_threads(compute_threads(section.ray.cpus_per_worker))
     # mmengine seeds random, numpy and torch from `randomness` when the Runner starts; the kernels
     # are ours to choose (its own `deterministic` would make ops without a deterministic CUDA kernel fail).
     seed_everything(section.train.seed, deterministic=True)
