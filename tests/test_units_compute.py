@@ -213,7 +213,7 @@ def test_compute_threads_never_exceed_the_cpus_this_process_may_run_on():
     from pipeline.compute.trainer import compute_threads
 
     one = min(os.sched_getaffinity(0))
-    with pinned_to({one}):  # as `taskset -c N`, a cpuset, or `--pin-workers` leave a stage
+    with pinned_to({one}):  # as `taskset -c N` or a one-CPU cpuset leave a stage
         assert [compute_threads(c) for c in (0.25, 1.0, 2.0, 16.0)] == [1, 1, 1, 1]
     allowed = len(os.sched_getaffinity(0))
     assert compute_threads(0.5) == 1  # a fractional reservation still computes
