@@ -1,4 +1,4 @@
-"""`python -m pipeline.stage_deps [--write]`: check (or rewrite) dvc.yaml's code deps and params.
+"""`python -m pipeline.stage_deps [--write]`: check (or rewrite) the dvc.yaml files' code deps and params.
 
 What each stage depends on is read from its code by `pipeline.core.deps`; this
 prints one line per difference from dvc.yaml and exits 1 when there is any.
@@ -14,15 +14,18 @@ from .core import deps, layout
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.stage_deps", description=deps.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps and params first")
+    ap.add_argument("--write", action="store_true", help="rewrite the code deps and params of dvc.yaml and of each opt-in stage's dvc.yaml first")
     args = ap.parse_args(argv)
     root = layout.repo_root()
-    if args.write:
-        text = (root / "dvc.yaml").read_text()
-        new = deps.rewrite(root, text)
-        if new != text:
-            (root / "dvc.yaml").write_text(new)
-        print(f"dvc.yaml: {'rewritten' if new != text else 'already as derived'}", file=sys.stderr)
+    if args.write:  # the default pipeline's dvc.yaml and each opt-in stage's own (`field/dvc.yaml`)
+        files = [root / "dvc.yaml"] + [root / extra / "dvc.yaml" for extra in layout.OPTIONAL_STAGES]
+        for path in (f for f in files if f.is_file()):
+            text = path.read_text()
+            new = deps.rewrite(root, text)
+            if new != text:
+                path.write_text(new)
+            name = path.relative_to(root)
+            print(f"{name}: {'rewritten' if new != text else 'already as derived'}", file=sys.stderr)
     found = deps.problems(root)
     for line in found:
         print(line, file=sys.stderr)

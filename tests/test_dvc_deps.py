@@ -196,3 +196,21 @@ def test_dvc_reruns_the_stages_whose_code_or_params_changed(tmp_path):
     repo.set_params({"aug": {"mixup": 0.2}})
     changed = _changed(repo)
     assert "pretrain" in changed and not {"prepare_dense", "finetune_coco"} & changed, changed
+
+
+def test_write_rewrites_the_opt_in_stages_dvc_yaml_too(tmp_path, monkeypatch, capsys):
+    from pipeline import stage_deps
+
+    for code in ("stages", "pipeline", "iformer"):
+        (tmp_path / code).symlink_to(ROOT / code)
+    for name in ("dvc.yaml", "params.yaml", "field/dvc.yaml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    field = tmp_path / "field" / "dvc.yaml"
+    field.write_text(field.read_text().replace("      - pipeline/deploy/backends.py\n", ""))
+    monkeypatch.setenv("IFORMER_ROOT", str(tmp_path))
+    assert stage_deps.main([]) == 1
+    assert "field: deps miss pipeline/deploy/backends.py" in capsys.readouterr().err
+    assert stage_deps.main(["--write"]) == 0
+    assert field.read_text() == (ROOT / "field" / "dvc.yaml").read_text()
+    assert (tmp_path / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()

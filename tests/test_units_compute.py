@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from pipeline.compute.renice import Renicer
+from pipeline.errors import PipelineError
 
 PY = "/usr/bin/python3"
 
@@ -221,3 +222,14 @@ def test_compute_threads_never_exceed_the_cpus_this_process_may_run_on():
     assert compute_threads(1.9) == 1  # whole CPUs only, as Ray reserved them
     assert compute_threads(float(allowed)) == allowed
     assert compute_threads(float(allowed + 3)) == allowed
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_timing_threads_are_checked_against_the_same_cpus_training_is_capped_at():
+    from pipeline.deploy.backends import check_threads
+
+    one = min(os.sched_getaffinity(0))
+    with pinned_to({one}):
+        check_threads(1, "latency.threads")
+        with pytest.raises(PipelineError, match=r"^latency.threads: 2 is more than the 1 CPUs"):
+            check_threads(2, "latency.threads")

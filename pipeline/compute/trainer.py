@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..core import lifecycle
+from ..core.cpus import usable_cpus
 from ..errors import PipelineError
 from . import cluster
 
@@ -55,10 +56,7 @@ def compute_threads(cpus: float) -> int:
     the CPUs this process may run on (a cpuset, `taskset`, a batch scheduler's allocation), which Ray's
     workers inherit and Ray's CPU count does not see. A thread beyond those CPUs only waits in
     OpenMP's barriers for the others to be scheduled."""
-    import os
-
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(int(cpus), allowed))
+    return max(1, min(int(cpus), usable_cpus()))
 
 
 def keep_layouts(optimizer) -> None:

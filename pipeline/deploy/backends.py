@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
+from ..core.cpus import usable_cpus
 from ..errors import PipelineError
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "cpu_only": "CPU_ONLY"}
@@ -86,7 +87,7 @@ def host() -> dict:
 
 def check_threads(threads: int, field: str) -> None:
     """`field` (a thread count) must not exceed this machine's CPUs (more only makes the threads wait on each other)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     if threads > cpus:
         raise PipelineError(f"{field}: {threads} is more than the {cpus} CPUs this machine gives the stage")
 
