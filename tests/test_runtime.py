@@ -245,6 +245,9 @@ def test_second_trainer_is_refused_and_sigterm_marks_runs_killed(fast_repo):
         assert len(repo.runs()) == before, "the refused trainer opened no MLflow run"
 
         family = _descendants(first.pid)
+        titles = {_cmdline(p).split(" ")[0] for p in family}
+        # Ray's own fixed policy starts Ray Data's coordinator before any worker (`compute.scaling`).
+        assert "ray::TrainController.run" in titles and "ray::_AutoscalingCoordinatorActor" not in titles, titles
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=60)
     assert first.returncode == 128 + signal.SIGTERM, err[-3000:]

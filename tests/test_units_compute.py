@@ -233,3 +233,35 @@ def test_timing_threads_are_checked_against_the_same_cpus_training_is_capped_at(
         check_threads(1, "latency.threads")
         with pytest.raises(PipelineError, match=r"^latency.threads: 2 is more than the 1 CPUs"):
             check_threads(2, "latency.threads")
+
+
+def test_a_stages_private_ray_sends_its_run_no_autoscaling_coordinator(monkeypatch):
+    """On a private Ray the controller gets a fixed policy that decides as Ray's does but never creates Ray
+    Data's AutoscalingCoordinator (Ray's asserts it was made, and would create it, a process, on the first
+    call); a shared Ray (a cluster, sweeps) keeps Ray's own policy, whose requests its autoscaler reads."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from pipeline.compute import trainer
+    from pipeline.compute.scaling import LocalScalingPolicy
+
+    scaling = ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})
+    policy = LocalScalingPolicy(scaling)
+    policy.after_controller_start(type("Context", (), {"run_id": "r1"})())
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision)
+    assert (decision.num_workers, decision.resources_per_worker) == (2, {"CPU": 1})
+    policy.before_controller_abort()
+    assert policy._coordinator_client is None
+    with pytest.raises(AssertionError):  # Ray's own policy needs its coordinator client
+        FixedScalingPolicy(scaling).make_decision_for_non_running_worker_group()
+
+    seen = {}  # what reaches Ray's controller start (not run here)
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller",
+                        lambda self, **kw: seen.setdefault(self, kw["scaling_policy"]))
+    for private in (True, False):
+        job = trainer.trainer_class(private)(lambda config: None, scaling_config=scaling)
+        job._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(scaling))
+        assert type(seen[job]) is (LocalScalingPolicy if private else FixedScalingPolicy)

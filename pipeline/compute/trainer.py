@@ -146,6 +146,13 @@ def trainer_class(private: bool = False):
         def _register_sigint_handler(self, controller) -> None:
             return None
 
+        def _initialize_and_run_controller(self, **kwargs):
+            if private and not self.scaling_config.elasticity_enabled:  # no autoscaler to tell (`compute.scaling`)
+                from .scaling import LocalScalingPolicy
+
+                kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
         def _create_default_callbacks(self):
             # Each of these starts an actor, a Python process importing Ray Train (~1 s of CPU, while
             # the training worker starts on the same cores): Ray Data's dataset manager, which serves

@@ -51,6 +51,7 @@ PLUMBING = {
     "pipeline.tracking.registry": "MLflow Model Registry versions and their tags",
     "pipeline.compute.rendezvous": "the interface torch's rendezvous store listens on",
     "pipeline.compute.renice": "the CPU priority of the local Ray's daemons",
+    "pipeline.compute.scaling": "which actors Ray Train starts on a private Ray, not what the workers compute",
 }
 #: params.yaml keys that shape no stage output, with why.
 PLUMBING_PARAMS = {
