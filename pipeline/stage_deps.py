@@ -14,12 +14,12 @@ from .core import deps, layout
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.stage_deps", description=deps.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="rewrite the code deps and params of dvc.yaml and of each opt-in stage's dvc.yaml first")
+    ap.add_argument("--write", action="store_true",
+                    help="rewrite the code deps and params of dvc.yaml and of each opt-in stage's dvc.yaml first")
     args = ap.parse_args(argv)
     root = layout.repo_root()
-    if args.write:  # the default pipeline's dvc.yaml and each opt-in stage's own (`field/dvc.yaml`)
-        files = [root / "dvc.yaml"] + [root / extra / "dvc.yaml" for extra in layout.OPTIONAL_STAGES]
-        for path in (f for f in files if f.is_file()):
+    if args.write:
+        for path in deps.dvc_files(root):
             text = path.read_text()
             new = deps.rewrite(root, text)
             if new != text:

@@ -20,6 +20,3 @@ class LocalScalingPolicy(FixedScalingPolicy):
 
     def _maybe_send_resource_request(self) -> None:
         return None
-
-    def _send_resource_request(self) -> None:
-        return None

@@ -285,13 +285,17 @@ def is_code(root: Path, dep: str) -> bool:
     return dep.endswith(".py") or (root / dep.split("/")[0] / "__init__.py").is_file()
 
 
+def dvc_files(root: Path) -> list[Path]:
+    """dvc.yaml, then each opt-in stage's own (`field/dvc.yaml`: paths relative to the root, `wdir: ..`)."""
+    return [root / "dvc.yaml"] + [p for p in (root / extra / "dvc.yaml" for extra in layout.OPTIONAL_STAGES)
+                                  if p.is_file()]
+
+
 def problems(root: Path, text: str | None = None) -> list[str]:
-    """How dvc.yaml (or `text`) differs from what each stage imports and reads; [] when it agrees."""
-    stages = yaml.safe_load(text if text is not None else (root / "dvc.yaml").read_text())["stages"]
-    if text is None:  # and the opt-in stages' own dvc.yaml files (paths relative to the root: `wdir: ..`)
-        for extra in layout.OPTIONAL_STAGES:
-            if (root / extra / "dvc.yaml").is_file():
-                stages.update(yaml.safe_load((root / extra / "dvc.yaml").read_text())["stages"])
+    """How the dvc.yaml files (or `text`, one dvc.yaml) differ from what each stage imports and reads; [] when
+    they agree."""
+    files = [text] if text is not None else [path.read_text() for path in dvc_files(root)]
+    stages = {name: spec for doc in files for name, spec in yaml.safe_load(doc)["stages"].items()}
     tree = yaml.safe_load((root / "params.yaml").read_text()) or {}
     dotted = lambda key: tuple(key.split("."))  # noqa: E731
     out = [f"core.deps.PLUMBING names {m}, which is no module here" for m in PLUMBING if not module_file(root, m)]
