@@ -5,6 +5,7 @@ import pytest
 
 from conftest import make_repo
 from pipeline.core import checkpoint, layout
+from pipeline.core.cpus import usable_cpus
 from pipeline.tracking import runs
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,10 @@ def test_default_dense_stages_learn(default_repo):
     assert coco["bbox_ap50"] >= coco["bbox_ap"] and coco["segm_ap50"] >= coco["segm_ap"], coco
     assert ade["miou"] >= ade["miou_majority_baseline"] + 5.0, ade
     assert ade["miou_majority_baseline"] > 0
+    # Each trains on every CPU it may use (2 by default), each of those threads reading subnormals as zero.
+    threads = min(2, usable_cpus())
+    for task in ("detection", "segmentation"):
+        assert f"{task}: rank 0/1, {threads} threads (subnormals flushed)" in default_repo.repro_log
 
 
 def test_default_log_is_short_and_ours(default_repo):

@@ -1,7 +1,7 @@
 """`pipeline.compute`: which of a local Ray's processes are daemons, and lowering exactly
 those (every thread of them). Real child processes titled as Ray titles them (`sleep` or
 Python under another argv[0]); no Ray. Also what `seed_everything`'s deterministic mode sets,
-and how many threads a training worker computes with."""
+and how many threads a training worker computes with, flushing subnormals or not."""
 from __future__ import annotations
 
 import contextlib
@@ -222,6 +222,53 @@ def test_compute_threads_never_exceed_the_cpus_this_process_may_run_on():
     assert compute_threads(1.9) == 1  # whole CPUs only, as Ray reserved them
     assert compute_threads(float(allowed)) == allowed
     assert compute_threads(float(allowed + 3)) == allowed
+
+
+# In a fresh interpreter: the subnormal mode is per thread, and torch's pool copies it when made.
+# IEEE 754: x * 1.0 is x, and 0 where a subnormal input reads as zero (DAZ).
+SUBNORMALS = """
+import json, sys, torch
+from pipeline.compute.trainer import set_cpu_math
+def kept():  # per element of a tensor big enough that every thread takes chunks of it
+    # Made and compared as bits: a float conversion or == would itself flush on a flushing thread.
+    x = torch.full((1 << 20,), 1 << 22, dtype=torch.int32).view(torch.float32)  # 2**-127, subnormal
+    same = (x * 1.0).view(torch.int32) == x.view(torch.int32)
+    half = same.numel() // 2
+    return [bool(same[:half].all()), bool(same[half:].all())]
+out = {}
+if sys.argv[1] == "fresh":
+    out["set"] = set_cpu_math(2.0, True)
+    out["kept"] = kept()
+else:  # torch's pool made before, with IEEE subnormals
+    torch.set_num_threads(2)
+    out["before"] = kept()
+    out["ieee"] = set_cpu_math(2.0, False)
+    out["late"] = set_cpu_math(2.0, True)
+print(json.dumps(out))
+"""
+
+
+def _subnormals(case: str) -> dict:
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SUBNORMALS, case], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="DAZ/FTZ are x86's")
+def test_a_worker_flushes_subnormals_on_every_thread_when_set_first():
+    threads = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    fresh = _subnormals("fresh")
+    assert fresh["set"] == [threads, True]
+    assert fresh["kept"] == [False, False]  # both halves read as zero, whichever thread computed them
+    late = _subnormals("late")
+    assert late["before"] == [True, True]  # IEEE by default
+    assert late["ieee"] == [threads, False] and late["late"][0] == threads
+    # Set after the pool was made, only the calling thread flushes, and the result says so.
+    assert late["late"][1] is (threads == 1)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")

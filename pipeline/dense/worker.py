@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from mmengine.runner import Runner
 
-from ..compute.trainer import compute_threads, keep_layouts, seed_everything
+from ..compute.trainer import keep_layouts, seed_everything, set_cpu_math
 from ..config import Config
 from ..core.console import say
 from . import configs
@@ -81,41 +81,44 @@ def train_loop_per_worker(config: dict) -> None:
     section = getattr(cfg, task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(compute_threads(section.ray.cpus_per_worker))
+    # First: torch's thread pool takes the subnormal mode of the thread that makes it.
+    threads, flushed = set_cpu_math(section.ray.cpus_per_worker, section.train.flush_denormal)
     # mmengine seeds random, numpy and torch from `randomness` when the Runner starts; the kernels
     # are ours to choose (its own `deterministic` would make ops without a deterministic CUDA kernel fail).
     seed_everything(section.train.seed, deterministic=True)
     register()
     allow_mmengine_checkpoints()
 
-    work_dir = tempfile.mkdtemp(prefix=f"mm-{task}-{rank}-")
-    mm = build_config(cfg, task, config["data"], work_dir, config["init"], world, cfg.ray.use_gpu,
-                      config.get("layer_scale"))
-    origin = "the pretrained backbone"
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            shutil.copy(Path(d) / CHECKPOINT_FILE, Path(work_dir) / CHECKPOINT_FILE)
-        mm["load_from"], mm["resume"] = str(Path(work_dir) / CHECKPOINT_FILE), True
-        origin = f"ray checkpoint {ckpt.path}"
-    runner = ChannelsLastRunner.from_cfg(MMConfig(mm))
-    by_epoch = task == "detection"
-    interval = section.train.checkpoint_interval
-    runner.register_hook(RayCheckpointHook(interval, by_epoch))
-    runner.register_hook(MlflowLossHook(config.get("tracking_uri"), config.get("run_id"), section.train.log_interval,
-                                        config["stage"]))
-    if rank == 0:
-        total = f"{section.train.epochs} epochs" if by_epoch else f"{section.train.iters} iterations"
-        say(config["stage"], f"{task}: rank 0/{world}, {torch.get_num_threads()} threads, {total} from {origin}")
-    start = time.perf_counter()
-    runner.train()
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    # mmdet / mmseg return numpy scalars (float32 for mmseg's IoU), which are not Python floats.
-    metrics = {k: float(v) for k, v in runner.val().items() if isinstance(v, (int, float, np.number))}
-    metrics.update(train_seconds=train_seconds, eval_seconds=time.perf_counter() - start)
-    with tempfile.TemporaryDirectory() as tmp:
-        runner.save_checkpoint(tmp, CHECKPOINT_FILE, by_epoch=by_epoch)
-        final = Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=final, checkpoint_dir_name="final")
-    shutil.rmtree(work_dir, ignore_errors=True)
+    # mmengine's work dir: its logs, config dump and resume copy; gone however the run ends.
+    with tempfile.TemporaryDirectory(prefix=f"mm-{task}-{rank}-", ignore_cleanup_errors=True) as work_dir:
+        mm = build_config(cfg, task, config["data"], work_dir, config["init"], world, cfg.ray.use_gpu,
+                          config.get("layer_scale"))
+        origin = "the pretrained backbone"
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                shutil.copy(Path(d) / CHECKPOINT_FILE, Path(work_dir) / CHECKPOINT_FILE)
+            mm["load_from"], mm["resume"] = str(Path(work_dir) / CHECKPOINT_FILE), True
+            origin = f"ray checkpoint {ckpt.path}"
+        runner = ChannelsLastRunner.from_cfg(MMConfig(mm))
+        by_epoch = task == "detection"
+        interval = section.train.checkpoint_interval
+        runner.register_hook(RayCheckpointHook(interval, by_epoch))
+        runner.register_hook(MlflowLossHook(config.get("tracking_uri"), config.get("run_id"),
+                                            section.train.log_interval, config["stage"]))
+        if rank == 0:
+            total = f"{section.train.epochs} epochs" if by_epoch else f"{section.train.iters} iterations"
+            math = ("subnormals flushed" if flushed else f"{task}.train.flush_denormal: some threads keep subnormals"
+                    if section.train.flush_denormal else "IEEE subnormals")
+            say(config["stage"], f"{task}: rank 0/{world}, {threads} threads ({math}), {total} from {origin}")
+        start = time.perf_counter()
+        runner.train()
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        # mmdet / mmseg return numpy scalars (float32 for mmseg's IoU), which are not Python floats.
+        metrics = {k: float(v) for k, v in runner.val().items() if isinstance(v, (int, float, np.number))}
+        metrics.update(train_seconds=train_seconds, eval_seconds=time.perf_counter() - start)
+        with tempfile.TemporaryDirectory() as tmp:
+            runner.save_checkpoint(tmp, CHECKPOINT_FILE, by_epoch=by_epoch)
+            final = Checkpoint.from_directory(tmp) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=final, checkpoint_dir_name="final")
