@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from contextlib import contextmanager
@@ -36,13 +37,15 @@ PROBE = textwrap.dedent("""
         import ray
         gcs = ray.get_runtime_context().gcs_address
         me = psutil.Process()
-        listeners = []
+        listeners, unix = [], []
         for p in [me, *me.children(recursive=True)]:
             try:
                 listeners += [[p.pid, p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections("inet")
                               if c.status == psutil.CONN_LISTEN]
+                unix += [c.laddr for c in p.net_connections("unix") if c.laddr]
             except psutil.Error:
                 pass
+        worker_tmp = ray.get(ray.remote(lambda: __import__("tempfile").gettempdir()).remote())
         token = os.environ["RAY_AUTH_TOKEN_PATH"]
         from ray._private import worker
         ray_monitor = [info.process.pid for info in worker._global_node.all_processes["monitor"]]
@@ -55,7 +58,8 @@ PROBE = textwrap.dedent("""
         print(json.dumps({"gcs": gcs, "listeners": listeners, "token": token,
                           "token_mode": os.stat(token).st_mode & 0o777,
                           "intruder": intruder.stdout + intruder.stderr[-2000:],
-                          "ray_monitor": ray_monitor, "found_monitor": found_monitor}))
+                          "ray_monitor": ray_monitor, "found_monitor": found_monitor, "unix": unix,
+                          "worker_tmp": worker_tmp, "driver_tmp": __import__("tempfile").gettempdir()}))
     gone = [not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in ray_monitor]
     print(json.dumps({"token_left": os.path.exists(token), "monitor_gone": gone}))
 """)
@@ -77,6 +81,13 @@ def test_local_ray_listens_on_loopback_only_and_refuses_callers_without_the_toke
     assert "CONNECTED" not in info["intruder"]
     assert "authentication" in info["intruder"].lower() or "token" in info["intruder"].lower(), info["intruder"]
     assert not after["token_left"], "the run's temp dir (with its token) is removed after shutdown"
+    # Every socket file and temp file of this Ray's processes lives in that dir, so none outlives it
+    # (the dashboard's multiprocessing forkserver listens in a /tmp/pymp-* dir of its own); the
+    # driver's temp dir stays the machine's.
+    run_dir = os.path.dirname(info["token"])
+    assert info["worker_tmp"] == run_dir and info["driver_tmp"] == tempfile.gettempdir() != run_dir
+    assert any("/pymp-" in path for path in info["unix"]), info["unix"]
+    assert [path for path in info["unix"] if not path.startswith(run_dir + "/")] == [], info["unix"]
     # The session kills the autoscaler monitor itself before ray.shutdown() (which waits a second for it):
     # what it finds is the monitor Ray's own node registered, and it is gone afterwards.
     assert len(info["ray_monitor"]) == 1 and info["found_monitor"] == info["ray_monitor"], info

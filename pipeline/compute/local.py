@@ -6,7 +6,8 @@
 - token authentication on, with a fresh random token in the run's own temp dir
   (`RAY_AUTH_TOKEN_PATH`), so no other user or process can drive it;
 - its own short temp dir (`/tmp/ray-XXXXXXXX`; Unix socket paths are limited to
-  ~107 bytes), so two pipelines on one machine never see each other's session;
+  ~107 bytes), so two pipelines on one machine never see each other's session,
+  and the TMPDIR of every process it starts, so none leaves files behind;
 - the state API (in its dashboard) at an address said outright, and an end
   that does not wait on its autoscaler monitor.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import tempfile
 from pathlib import Path
 
 from ..core import lifecycle
@@ -68,6 +70,29 @@ def start(num_cpus: int, tmp: Path, env_vars: dict) -> None:
     # reserved and starve the next worker group. So: our port, said outright.
     api = f"http://127.0.0.1:{_free_loopback_port()}"
     os.environ[API_SERVER_ENV] = api
+    # Ray's processes make their temp files under `tmp` too, which goes when the session ends:
+    # the dashboard's multiprocessing forkserver left a /tmp/pymp-* dir behind every stage (Ray
+    # kills it, so its own clean-up never runs), and a killed worker its scratch dirs. This process
+    # keeps its own temp dir (`tempfile` reads TMPDIR once, on first use).
+    tempfile.gettempdir()
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    try:
+        _init(num_cpus, tmp, env_vars, api)
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+    gcs = ray.get_runtime_context().gcs_address
+    if not gcs.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
+        ray.shutdown()
+        raise PipelineError(f"ray: the local Ray came up at {gcs}, not on loopback; refusing to run")
+
+
+def _init(num_cpus: int, tmp: Path, env_vars: dict, api: str) -> None:
+    import ray
+
     ray.init(
         num_cpus=num_cpus,
         # The dashboard hosts Ray's state API, which Train V2's controller and
@@ -80,10 +105,6 @@ def start(num_cpus: int, tmp: Path, env_vars: dict) -> None:
         configure_logging=False,
         log_to_driver=True,
     )
-    gcs = ray.get_runtime_context().gcs_address
-    if not gcs.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
-        ray.shutdown()
-        raise PipelineError(f"ray: the local Ray came up at {gcs}, not on loopback; refusing to run")
 
 
 #: The command line of the autoscaler monitor a head node of Ray starts.
