@@ -195,6 +195,51 @@ def test_latency_threads_beyond_this_machine_are_refused_before_any_run(tmp_path
         search.check(cfg, prepared_root)  # the sweep times its variants with them too
 
 
+def test_workers_the_local_ray_cannot_hold_are_refused_before_any_run(prepared_root, monkeypatch):
+    """Ray Train would wait for them, time out after a minute and try again, without end."""
+    import os
+
+    from pipeline.classify import pretrain
+    from pipeline.compute import cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = os.cpu_count()  # Ray's logical CPUs on this machine
+    base = {"data": {"image_size": 32}, "train": {"batch_size": 8}}
+    cfg = Config.model_validate({**base, "ray": {"num_workers": 2, "cpus_per_worker": float(cpus)}})
+    with pytest.raises(PipelineError) as err:
+        pretrain.check(cfg, prepared_root)
+    assert _one_line(err) == (f"ray.num_workers x ray.cpus_per_worker: 2 x {cpus} = {2 * cpus} CPUs, more than the "
+                              f"{cpus} the local Ray offers (this machine's CPUs); ask for fewer, or name a Ray "
+                              "cluster in ray.address")
+    for fits in ({"num_workers": 2, "cpus_per_worker": cpus / 2},  # exactly the machine
+                 {"num_workers": 2, "cpus_per_worker": float(cpus), "local_num_cpus": 2 * cpus},
+                 {"num_workers": 2, "cpus_per_worker": float(cpus), "address": "127.0.0.1:1"}):  # a cluster's own
+        cfg = Config.model_validate({**base, "ray": fits})
+        if "address" in fits:
+            monkeypatch.setattr(cluster, "_probe", lambda *a: None)  # its CPUs are the cluster's to count
+            monkeypatch.setattr(cluster, "check_storage", lambda *a: None)
+            monkeypatch.setattr(cluster, "check_tracking", lambda *a: None)
+        pretrain.check(cfg, prepared_root)
+    # A dense stage's own block, named as its own.
+    cfg = Config.model_validate({"ray": {"local_num_cpus": 2}, "segmentation": {"ray": {"num_workers": 4,
+                                                                                        "cpus_per_worker": 0.75}}})
+    with pytest.raises(PipelineError, match=r"^segmentation.ray.num_workers x segmentation.ray.cpus_per_worker: "
+                                            r"4 x 0.75 = 3 CPUs, more than the 2 the local Ray offers \(ray.local_num"):
+        cluster.check(cfg, cfg.segmentation.ray, "segmentation.ray")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without CUDA devices")
+def test_gpu_workers_on_a_machine_without_gpus_are_refused_before_any_run(prepared_root, monkeypatch):
+    from pipeline.classify import pretrain
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = Config.model_validate({"data": {"image_size": 32}, "train": {"batch_size": 8}, "ray": {"use_gpu": True}})
+    with pytest.raises(PipelineError) as err:
+        pretrain.check(cfg, prepared_root)
+    assert _one_line(err).startswith("ray.use_gpu: ray.num_workers x ray.gpus_per_worker = 1 x 1 = 1 GPUs, more "
+                                     "than the 0 CUDA devices")
+
+
 # -- dense data: every field the stages read is checked, every image decoded ------------------------
 @pytest.fixture(scope="module")
 def scenes_dir(tmp_path_factory):

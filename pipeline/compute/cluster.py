@@ -53,21 +53,51 @@ def _host_port(addr: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def check(cfg) -> None:
+def check(cfg, own=None, prefix: str = "ray") -> None:
     """Fail within `ray.connect_timeout_s` when the configured cluster does not answer.
 
     Ray's own connect retries for minutes; this probe runs before any MLflow
     run is opened. `auto` is resolved by Ray itself when it connects. A
     cluster also needs storage and a tracking store its workers can reach
-    (`check_storage`, `check_tracking`).
+    (`check_storage`, `check_tracking`). Without a cluster, the workers of
+    `own` (a stage's `ray` block, named `prefix`; else `ray`) must fit the
+    private local Ray (`check_fits`).
     """
     addr = address(cfg)
     if not addr:
+        check_fits(cfg, own or cfg.ray, prefix)
         return
     if addr != "auto":  # `auto` is resolved by Ray itself when it connects
         _probe(cfg, addr)
     check_storage(cfg, addr)
     check_tracking(cfg, addr)
+
+
+def local_cpus(cfg) -> int:
+    """The logical CPUs a stage's private local Ray offers: `ray.local_num_cpus`, else the machine's,
+    as Ray counts them. Under a narrower cpuset or `taskset` a worker still starts, and computes
+    with as many threads as it may run on (`trainer.compute_threads`)."""
+    return cfg.ray.local_num_cpus or os.cpu_count() or 1
+
+
+def check_fits(cfg, own, prefix: str) -> None:
+    """The workers must fit the private local Ray: Ray Train would wait for CPUs or GPUs that never
+    come, give up after a minute (`WorkerGroupStartupTimeoutError`) and try again, without end."""
+    cpus, need = local_cpus(cfg), own.num_workers * own.cpus_per_worker
+    if need > cpus + 1e-9:
+        offer = "ray.local_num_cpus" if cfg.ray.local_num_cpus else "this machine's CPUs"
+        raise PipelineError(f"{prefix}.num_workers x {prefix}.cpus_per_worker: {own.num_workers} x "
+                            f"{own.cpus_per_worker:g} = {need:g} CPUs, more than the {cpus} the local Ray offers "
+                            f"({offer}); ask for fewer, or name a Ray cluster in ray.address")
+    if cfg.ray.use_gpu:
+        import torch
+
+        gpus, need = torch.cuda.device_count(), own.num_workers * cfg.ray.gpus_per_worker
+        if need > gpus + 1e-9:
+            raise PipelineError(f"ray.use_gpu: {prefix}.num_workers x ray.gpus_per_worker = {own.num_workers} x "
+                                f"{cfg.ray.gpus_per_worker:g} = {need:g} GPUs, more than the {gpus} CUDA devices "
+                                "this machine shows the local Ray; set ray.use_gpu: false to train on CPUs, or "
+                                "name a Ray cluster in ray.address")
 
 
 def _probe(cfg, addr: str) -> None:
@@ -168,7 +198,7 @@ def session(cfg, root: Path, stage: str, log_file: Path) -> Iterator[bool]:
             else:
                 tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
                 lifecycle.reaper("RAY_AUTH_TOKEN_PATH", str(tmp / local.TOKEN_FILE))
-                local.start(cfg.ray.local_num_cpus or os.cpu_count(), tmp, _runtime_env_vars(cfg))
+                local.start(local_cpus(cfg), tmp, _runtime_env_vars(cfg))
                 renicer = Renicer(cfg.ray.local_daemon_niceness)
             lifecycle.handle_signals()
             console.attach(stage, log_file)

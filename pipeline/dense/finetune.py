@@ -103,7 +103,7 @@ def check_stage(stage: str):
         init, layer_scale = initial_weights(cfg, root, task)
         sha = checkpoint.sha256(init)
         name = run_name(cfg, stage, task, data, sha)
-        cluster.check(cfg)
+        cluster.check(cfg, getattr(cfg, task).ray, f"{task}.ray")
         lifecycle.exclusive(cluster.run_dir(cfg, root, name) / ".lock", stage)  # one trainer per Ray run
         return Inputs(stage, task, data, str(init), sha, name, layer_scale)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -122,7 +121,7 @@ def with_room_for_trials(cfg: Config) -> Config:
     """
     if cluster.address(cfg) is not None or cfg.ray.local_num_cpus is not None:
         return cfg
-    ray_cfg = cfg.ray.model_copy(update={"local_num_cpus": (os.cpu_count() or 1) + 1})
+    ray_cfg = cfg.ray.model_copy(update={"local_num_cpus": cluster.local_cpus(cfg) + 1})
     return cfg.model_copy(update={"ray": ray_cfg})
 
 
