@@ -108,9 +108,9 @@ def train_loop_per_worker(config: dict) -> None:
                                             section.train.log_interval, config["stage"]))
         if rank == 0:
             total = f"{section.train.epochs} epochs" if by_epoch else f"{section.train.iters} iterations"
-            math = ("subnormals flushed" if flushed else f"{task}.train.flush_denormal: some threads keep subnormals"
+            floats = ("subnormals flushed" if flushed else f"{task}.train.flush_denormal: some threads keep subnormals"
                     if section.train.flush_denormal else "IEEE subnormals")
-            say(config["stage"], f"{task}: rank 0/{world}, {threads} threads ({math}), {total} from {origin}")
+            say(config["stage"], f"{task}: rank 0/{world}, {threads} threads ({floats}), {total} from {origin}")
         start = time.perf_counter()
         runner.train()
         train_seconds = time.perf_counter() - start
