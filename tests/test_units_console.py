@@ -21,3 +21,28 @@ def test_the_core_ml_predict_skip_is_said_once_per_export(tmp_path, monkeypatch,
     said = [r.getMessage() for r in caplog.records if "predict check skipped" in r.getMessage()]
     assert said == [f"Core ML predict check skipped for the 3 models: {coreml.predict_unavailable()}"]
     assert "macOS" in said[0]
+
+
+def test_the_ray_log_keeps_the_autoscalers_events_not_its_status_table(tmp_path, monkeypatch):
+    """A one-node Ray's autoscaler monitor (v1, the local Ray's) logs its whole status table every 5 s,
+    and Ray forwards that log whole; Ray's own printer keeps only the lines tagged `:event_summary:`."""
+    import ray.autoscaler.v2.utils as autoscaler_utils
+
+    from pipeline.core import console
+
+    monkeypatch.setattr(autoscaler_utils, "cached_is_autoscaler_v2", False)
+    sink = console._RayLog("pretrain", tmp_path / "ray.log")
+    sink({"pid": "autoscaler", "lines": [
+        "2026-12-06 07:36:17,576\tINFO autoscaler.py:147 -- The autoscaler took 0.0 seconds to fetch the list "
+        "of non-terminated nodes.",
+        "======== Autoscaler status: 2026-12-06 07:36:17.576899 ========",
+        "Node status",
+        " 0.0/2.0 CPU",
+        "2026-12-06 07:36:18,002\tINFO autoscaler.py:470 -- :event_summary:Resized to 2 CPUs.",
+    ]})
+    sink({"pid": 4242, "actor_name": "RayTrainWorker", "lines": ["a warning from a worker", "[pretrain] epoch 1/6"]})
+    text = (tmp_path / "ray.log").read_text()
+    assert "(ray pid=autoscaler) Resized to 2 CPUs.\n" in text
+    for status in ("Autoscaler status", "Node status", "0.0/2.0 CPU", "took 0.0 seconds"):
+        assert status not in text
+    assert "(RayTrainWorker pid=4242) a warning from a worker\n(RayTrainWorker pid=4242) [pretrain] epoch 1/6\n" in text

@@ -34,7 +34,10 @@ def say(stage: str, message: str, file=None) -> None:
 
 
 class _RayLog:
-    """Sink for Ray's forwarded worker output: our lines to stderr, the rest to a file."""
+    """Sink for Ray's forwarded worker output: our lines to stderr, the rest to a file.
+
+    Of the autoscaler monitor's log, which Ray forwards whole, only its events are kept, as Ray's
+    own printer keeps them: its status table every 5 s made up 95 % of a stage's log file."""
 
     def __init__(self, stage: str, path: Path):
         self.mark = prefix(stage)
@@ -44,6 +47,10 @@ class _RayLog:
     def __call__(self, data: dict) -> None:
         who = data.get("actor_name") or data.get("task_name") or "ray"
         lines = data.get("lines") or []
+        if data.get("pid") == "autoscaler":
+            from ray._private.worker import filter_autoscaler_events
+
+            lines = list(filter_autoscaler_events(lines))
         ours = [line for line in lines if line.startswith(self.mark)]
         with self.lock:
             with open(self.path, "a") as f:
