@@ -135,7 +135,8 @@ class LoopbackCluster:
         # The state API at this cluster's dashboard, said outright: Ray's processes otherwise scan the
         # machine for one gcs_server, and a stage's private Ray beside this cluster fails that scan; a
         # placement-group cleaner whose controller died then polls in vain for the rest of the session.
-        env = {**self.env, MARKER: marker, API_SERVER_ENV: self.dashboard_url}
+        # Its temp files in its own dir too (the dashboard's forkserver otherwise leaves a /tmp/pymp-*).
+        env = {**self.env, MARKER: marker, API_SERVER_ENV: self.dashboard_url, "TMPDIR": str(temp_dir)}
         env.pop("RAY_ADDRESS")
         with open(log, "w") as out:
             proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
