@@ -19,7 +19,9 @@ import os
 import secrets
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ..core import lifecycle
 from ..errors import PipelineError
@@ -70,41 +72,43 @@ def start(num_cpus: int, tmp: Path, env_vars: dict) -> None:
     # reserved and starve the next worker group. So: our port, said outright.
     api = f"http://127.0.0.1:{_free_loopback_port()}"
     os.environ[API_SERVER_ENV] = api
-    # Ray's processes make their temp files under `tmp` too, which goes when the session ends:
-    # the dashboard's multiprocessing forkserver left a /tmp/pymp-* dir behind every stage (Ray
-    # kills it, so its own clean-up never runs), and a killed worker its scratch dirs. This process
-    # keeps its own temp dir (`tempfile` reads TMPDIR once, on first use).
-    tempfile.gettempdir()
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp)
-    try:
-        _init(num_cpus, tmp, env_vars, api)
-    finally:
-        if before is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = before
+    with _children_temp_dir(tmp):
+        ray.init(
+            num_cpus=num_cpus,
+            # The dashboard hosts Ray's state API, which Train V2's controller and
+            # Tune poll; without it they warn in a loop (or hang).
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=int(api.rsplit(":", 1)[1]),
+            _temp_dir=str(tmp),
+            runtime_env={"env_vars": {**env_vars, API_SERVER_ENV: api}},
+            configure_logging=False,
+            log_to_driver=True,
+        )
     gcs = ray.get_runtime_context().gcs_address
     if not gcs.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
         ray.shutdown()
         raise PipelineError(f"ray: the local Ray came up at {gcs}, not on loopback; refusing to run")
 
 
-def _init(num_cpus: int, tmp: Path, env_vars: dict, api: str) -> None:
-    import ray
+@contextmanager
+def _children_temp_dir(tmp: Path) -> Iterator[None]:
+    """TMPDIR is `tmp` for the processes started inside the block, and the Ray processes they start.
 
-    ray.init(
-        num_cpus=num_cpus,
-        # The dashboard hosts Ray's state API, which Train V2's controller and
-        # Tune poll; without it they warn in a loop (or hang).
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=int(api.rsplit(":", 1)[1]),
-        _temp_dir=str(tmp),
-        runtime_env={"env_vars": {**env_vars, API_SERVER_ENV: api}},
-        configure_logging=False,
-        log_to_driver=True,
-    )
+    They make their temp files there, which goes when the session ends: the dashboard's
+    multiprocessing forkserver left a /tmp/pymp-* dir behind every stage (Ray kills it, so its
+    own clean-up never runs), and a killed worker its scratch dirs. This process keeps its own
+    temp dir: `tempfile` reads TMPDIR once, on first use, which this makes happen first."""
+    tempfile.gettempdir()
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
 
 
 #: The command line of the autoscaler monitor a head node of Ray starts.
