@@ -312,3 +312,55 @@ def test_a_stages_private_ray_sends_its_run_no_autoscaling_coordinator(monkeypat
         job = trainer.trainer_class(private)(lambda config: None, scaling_config=scaling)
         job._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(scaling))
         assert type(seen[job]) is (LocalScalingPolicy if private else FixedScalingPolicy)
+
+
+# In a fresh interpreter holding what a stage's driver holds when `trainer.fit` starts its warm-up.
+WARM_UP = """
+import json, sys
+import ray, ray.train.torch, torch
+from pipeline.classify.pretrain import warm_up
+from pipeline.compute.trainer import trainer_class
+from pipeline.config import load_config
+from pipeline.dense import samples
+trainer_class(True)
+cfg = load_config("params.yaml")
+before = set(sys.modules)
+warm_up(cfg) if sys.argv[1] == "pretrain" else samples.warm_up(sys.argv[1])
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+@pytest.mark.parametrize("stage, needs", [
+    ("pretrain", {"timm.data", "mlflow.pytorch", "iformer.models", "torch._dynamo"}),
+    ("detection", {"mmdet.apis", "mmdet.visualization", "iformer.dense.registry"}),
+    ("segmentation", {"mmseg.apis", "mmseg.visualization", "iformer.dense.registry"}),
+])
+def test_a_warm_up_readies_its_stages_end_and_imports_nothing_ray_does_while_the_driver_waits(stage, needs):
+    """`trainer.fit` runs a stage's warm-up on a second thread while its own thread is inside Ray
+    Train's `fit`, which then imports modules of three packages (Ray 2.60, measured: 23 of
+    pydantic.v1, the pydantic 1 API Ray Data's config uses, 10 of Ray, 2 of pyarrow). Two threads
+    importing one module can meet a half-initialised one, so a warm-up must import none of those
+    (MLflow's PyTorch flavour does import pydantic 2 modules, a package of their own), and it must
+    import what the stage uses after training (pretrain: the network, ImageNet's mean, MLflow's
+    model logging; the dense stages: their sample drawing)."""
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WARM_UP, stage], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    new = set(json.loads(out.stdout.splitlines()[-1]))
+    assert needs <= new, sorted(needs - new)
+    raced = {m for m in new if m.split(".")[0] in ("ray", "pyarrow") or (m + ".").startswith("pydantic.v1.")}
+    assert not raced, sorted(raced)
+
+
+def test_a_warm_up_that_fails_leaves_the_error_to_the_stages_own_thread(caplog):
+    from pipeline.compute.trainer import _quietly
+
+    def broken():
+        raise ImportError("No module named 'timm'")
+
+    with caplog.at_level("DEBUG", logger="pipeline.compute.trainer"):
+        _quietly(broken)  # returns: the stage's own import of timm raises it where it is reported
+    assert "No module named 'timm'" in caplog.text

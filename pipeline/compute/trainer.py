@@ -108,8 +108,15 @@ def keep_layouts(optimizer) -> None:
     optimizer.register_step_pre_hook(align)
 
 
-def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, scaling):
-    """`loop(loop_config)` on every worker of `scaling`; returns Ray's Result."""
+def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, scaling, warm=None):
+    """`loop(loop_config)` on every worker of `scaling`; returns Ray's Result.
+
+    `warm()`, if given, runs on a thread of its own while this one waits on the run: what the stage
+    needs once training ends (its imports), done on the core the workers' start leaves idle. It must
+    import nothing Ray imports here (two threads importing one module can meet it half-made; the
+    tests pin this), and whatever it fails at is left for the stage's own thread to meet and report."""
+    import threading
+
     from ray.exceptions import RayError
     from ray.train import TrainingFailedError
 
@@ -119,14 +126,27 @@ def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, sca
                                      run_config=cluster.run_config(cfg, root, run_name),
                                      torch_config=cluster.torch_config(cfg))
         log.info("Ray's own log: %s", log_file)
+        warming = threading.Thread(target=_quietly, args=(warm,), name=f"{stage}-warm", daemon=True) if warm else None
         try:
+            if warming:
+                warming.start()
             result = job.fit()
         except TrainingFailedError as err:
             raise PipelineError(training_failure(err, cfg, log_file)) from None
         except RayError as err:  # the run's controller itself died (Ray's OOM killer, a lost head node)
             raise PipelineError(controller_failure(err, log_file)) from None
+        finally:
+            if warming:
+                warming.join()  # never left importing while the stage goes on (or exits)
         lifecycle.raise_if_stopping()  # a stop signal arrived but Ray's blocking call swallowed its exception
         return result
+
+
+def _quietly(warm) -> None:
+    try:
+        warm()
+    except Exception as err:  # noqa: BLE001 (the stage's own thread meets it again, and says so)
+        log.debug("warm-up: %s", err)
 
 
 #: Beside the Ray run's lock and log: the MLflow run its stage logs to.

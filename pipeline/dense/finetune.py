@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from iformer.dense.backbone import BackboneWeightsError, IFormerBackbone, checkpoint_layer_scale, load_backbone_weights
@@ -28,7 +29,7 @@ from ..core import checkpoint, console, layout, lifecycle
 from ..core.outputs import Outputs
 from ..errors import PipelineError
 from ..tracking.runs import StageRun
-from . import prepare
+from . import prepare, samples
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
         "cfg": cfg.to_dict(), "stage": inputs.stage, "task": inputs.task, "data": inputs.data, "init": inputs.init,
         "layer_scale": inputs.layer_scale,
         "tracking_uri": srun.tracking_uri if srun else None, "run_id": srun.run_id if srun else None,
-    }, cluster.scaling_config(cfg, section.ray))
+    }, cluster.scaling_config(cfg, section.ray),
+        warm=partial(samples.warm_up, inputs.task) if section.samples else None)
     if result.checkpoint is None or not result.metrics:
         raise PipelineError(f"ray run {inputs.run_name} finished without a checkpoint or metrics")
     return result
@@ -165,7 +167,6 @@ def run_stage(stage: str):
         import torch
 
         from .mmengine_checkpoints import allow_mmengine_checkpoints
-        from .samples import draw_samples
         from .worker import build_config
 
         task = inputs.task
@@ -186,20 +187,20 @@ def run_stage(stage: str):
         with console.to_log(cluster.run_dir(cfg, root, inputs.run_name) / "ray.log"):
             mm = build_config(cfg, task, inputs.data, "<ray worker temp dir>", None, 1, False, inputs.layer_scale)
             (out / "config.py").write_text(MMConfig(mm).pretty_text)  # a record for readers; never executed
-            samples = draw_samples(task, mm, weights, inputs.data, section.samples, out / "samples")
+            drawn = samples.draw_samples(task, mm, weights, inputs.data, section.samples, out / "samples")
 
         mpath = outputs.metrics(metrics)
         mlflow.log_metrics(metrics)
         srun.log_headline({k: metrics[k] for k in HEADLINE[task]})  # the same names as metrics/<stage>.json
         mlflow.log_text(mpath.read_text(), f"metrics/{stage}.json")
         mlflow.log_artifact(str(out / "config.py"), stage)
-        for path in samples:
+        for path in drawn:
             mlflow.log_artifact(str(path), f"{stage}/samples")
         mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.backbone_init": inputs.init})
         outputs.manifest(srun, task=task, metrics=metrics, ray_run_name=inputs.run_name,
                          ray_storage_path=cluster.storage_path(cfg, root), checkpoint="model.pth",
                          checkpoint_sha256=checkpoint.sha256(weights), backbone_init=inputs.init,
-                         backbone_init_sha256=inputs.init_sha256, samples=[p.name for p in samples])
+                         backbone_init_sha256=inputs.init_sha256, samples=[p.name for p in drawn])
         outputs.commit()
         cluster.prune_run(cfg, root, inputs.run_name)  # finished: its checkpoints are not needed to resume
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS[task])

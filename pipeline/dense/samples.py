@@ -106,6 +106,20 @@ def caption(path: Path, title: str, scale: int = 2) -> None:
     out.save(path)
 
 
+def warm_up(task: str) -> None:
+    """What `draw_samples` imports (the registries with our backbone, the task's inference API and
+    visualizer), readied while the stage's driver waits on training (`trainer.fit`'s `warm`)."""
+    from iformer.dense.registry import register
+
+    register()
+    if task == "detection":
+        import mmdet.apis
+        import mmdet.visualization  # noqa: F401
+    else:
+        import mmseg.apis
+        import mmseg.visualization  # noqa: F401
+
+
 def draw_samples(task: str, mm: dict, weights: Path, data: dict, n: int, out: Path) -> list[Path]:
     if n == 0:
         return []
