@@ -17,14 +17,15 @@ pipeline: setup
 	dvc repro
 	@python -m pipeline.exps --summary
 
-# The fast tier runs on two pytest workers (its tests wait on processes more than they compute);
-# the slow tier, whose stages each train on both cores, one test at a time. Both tiers always run.
+# The fast tier runs on two pytest workers (its tests wait on processes more than they compute), each
+# taking the next test when it is free (worksteal: no worker idles behind the other's long tail); the
+# slow tier, whose stages each train on both cores, one test at a time. Both tiers always run.
 test: setup
-	@rc=0; python -m pytest -q -m "not slow" -n 2 tests --durations=10 || rc=1; \
+	@rc=0; python -m pytest -q -m "not slow" -n 2 --dist worksteal tests --durations=10 || rc=1; \
 	python -m pytest -q -m slow tests --durations=25 || rc=1; exit $$rc
 
 test-fast: setup
-	python -m pytest -q -m "not slow" -n 2 tests --durations=10
+	python -m pytest -q -m "not slow" -n 2 --dist worksteal tests --durations=10
 
 bench: setup
 	python -m benchmarks.run
