@@ -145,14 +145,18 @@ def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
 
 def warm_up(cfg: Config) -> None:
     """What `run` needs once training ends, readied while the driver waits on Ray (`trainer.fit`):
-    timm (for the network and ImageNet's mean), MLflow's PyTorch flavour and torch.export's one-time
-    set-up: ~2.3 s of one core that the stage's end no longer spends, done while the workers' start
-    leaves a core idle."""
+    timm (for the network and ImageNet's mean), MLflow's PyTorch flavour, its check of the model's
+    requirements against what is installed (it maps every installed package to its modules once per
+    process), and torch.export's one-time set-up: ~3 s of one core that the stage's end no longer
+    spends, done while the workers' start leaves a core idle."""
     import timm.data  # noqa: F401
 
     if cfg.mlflow.log_model:
         import mlflow.pytorch  # noqa: F401
         from mlflow.models import infer_signature  # noqa: F401
+        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+        warn_dependency_requirement_mismatches(model_requirements())  # what log_model checks, as it will
 
         from iformer.models import build_model  # noqa: F401
 
