@@ -314,7 +314,8 @@ def test_a_stages_private_ray_sends_its_run_no_autoscaling_coordinator(monkeypat
         assert type(seen[job]) is (LocalScalingPolicy if private else FixedScalingPolicy)
 
 
-# In a fresh interpreter holding what a stage's driver holds when `trainer.fit` starts its warm-up.
+# In a fresh interpreter holding what a stage's driver holds when `trainer.fit` starts its warm-up:
+# the three stages' warm-ups one after another, each one's new modules recorded.
 WARM_UP = """
 import json, sys
 import ray, ray.train.torch, torch
@@ -324,18 +325,17 @@ from pipeline.config import load_config
 from pipeline.dense import samples
 trainer_class(True)
 cfg = load_config("params.yaml")
-before = set(sys.modules)
-warm_up(cfg) if sys.argv[1] == "pretrain" else samples.warm_up(sys.argv[1])
-print(json.dumps(sorted(set(sys.modules) - before)))
+new = {}
+for stage, warm in (("pretrain", lambda: warm_up(cfg)), ("detection", lambda: samples.warm_up("detection")),
+                    ("segmentation", lambda: samples.warm_up("segmentation"))):
+    before = set(sys.modules)
+    warm()
+    new[stage] = sorted(set(sys.modules) - before)
+print(json.dumps(new))
 """
 
 
-@pytest.mark.parametrize("stage, needs", [
-    ("pretrain", {"timm.data", "mlflow.pytorch", "iformer.models", "torch._dynamo"}),
-    ("detection", {"mmdet.apis", "mmdet.visualization", "iformer.dense.registry"}),
-    ("segmentation", {"mmseg.apis", "mmseg.visualization", "iformer.dense.registry"}),
-])
-def test_a_warm_up_readies_its_stages_end_and_imports_nothing_ray_does_while_the_driver_waits(stage, needs):
+def test_a_warm_up_readies_its_stages_end_and_imports_nothing_ray_does_while_the_driver_waits():
     """`trainer.fit` runs a stage's warm-up on a second thread while its own thread is inside Ray
     Train's `fit`, which then imports modules of three packages (Ray 2.60, measured: 23 of
     pydantic.v1, the pydantic 1 API Ray Data's config uses, 10 of Ray, 2 of pyarrow). Two threads
@@ -346,12 +346,15 @@ def test_a_warm_up_readies_its_stages_end_and_imports_nothing_ray_does_while_the
     import json
     import sys
 
-    out = subprocess.run([sys.executable, "-c", WARM_UP, stage], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", WARM_UP], capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
-    new = set(json.loads(out.stdout.splitlines()[-1]))
-    assert needs <= new, sorted(needs - new)
-    raced = {m for m in new if m.split(".")[0] in ("ray", "pyarrow") or (m + ".").startswith("pydantic.v1.")}
+    new = {stage: set(mods) for stage, mods in json.loads(out.stdout.splitlines()[-1]).items()}
+    assert {"timm.data", "mlflow.pytorch", "iformer.models", "torch._dynamo"} <= new["pretrain"]
+    assert {"mmdet.apis", "mmdet.visualization", "iformer.dense.registry"} <= new["detection"]
+    assert {"mmseg.apis", "mmseg.visualization"} <= new["segmentation"]  # the registry came with detection's
+    raced = {m for mods in new.values() for m in mods
+             if m.split(".")[0] in ("ray", "pyarrow") or (m + ".").startswith("pydantic.v1.")}
     assert not raced, sorted(raced)
 
 
