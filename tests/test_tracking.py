@@ -147,3 +147,31 @@ def test_an_interrupted_stage_run_is_reopened_under_the_new_parent_with_its_metr
             raise RuntimeError("boom")
     with tracking.stage_run(cfg, "pretrain", store, reopen=failed.run_id) as fresh:
         assert fresh.run_id != failed.run_id
+
+
+def test_a_stepped_wall_clock_changes_neither_the_invocation_nor_an_owner(monkeypatch):
+    """psutil's create_time is the boot time plus the ticks since boot, and Linux derives the boot
+    time from the wall clock, so a clock step (NTP, a resumed VM) moves every process's start: in
+    CI one `dvc repro` saw its start move by 5 s, then 20 s, and its stages opened three parents.
+    Here each read of a start is 20 s later than the one before."""
+    import itertools
+    import os
+
+    import psutil
+
+    from pipeline.core import lifecycle
+    from pipeline.tracking import invocation
+
+    monkeypatch.delenv("IFORMER_PIPELINE_RUN", raising=False)
+    dvc = psutil.Process(os.getppid())  # stands in for the `dvc` process above a stage
+    monkeypatch.setattr(lifecycle, "dvc_process", lambda: dvc)
+    real, steps = psutil.Process.create_time, itertools.count()
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: real(self) + 20.0 * next(steps))
+
+    assert invocation.started_ms(dvc.pid) != invocation.started_ms(dvc.pid)  # the clock did move
+    assert len({invocation.invocation_key() for _ in range(3)}) == 1, "one dvc repro, one parent run"
+    tag = invocation.owner()
+    assert invocation.owner_alive(tag) and invocation.owner() == tag
+    assert invocation.owner(dvc.pid) != tag  # another process, another owner
+    host, pid, _ = tag.rsplit(":", 2)
+    assert not invocation.owner_alive(f"{host}:{pid}:0+0")  # the same pid, started another time: gone

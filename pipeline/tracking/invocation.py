@@ -22,6 +22,7 @@ def dvc_experiment() -> str:
 
 
 def started_ms(pid: int) -> int | None:
+    """When `pid` started, on the wall clock (ms since the epoch): a run's start time, never its identity."""
     import psutil
 
     try:
@@ -30,9 +31,29 @@ def started_ms(pid: int) -> int | None:
         return None
 
 
+def start_stamp(pid: int) -> str | None:
+    """Which start of `pid` this is, in a form no change of the wall clock alters.
+
+    psutil's `create_time` is the boot time plus the clock ticks since boot, and Linux derives
+    the boot time from the wall clock: when that clock is stepped (NTP, a virtual machine
+    resumed), every process's `create_time` moves with it. One `dvc repro` in CI saw its own
+    start move by 5 s and then by 20 s, and its stages opened three parent runs. On Linux the
+    stamp is this boot's id and the ticks since boot at which `pid` started (/proc/PID/stat,
+    field 22); elsewhere it falls back to the wall-clock start."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = f.read().rsplit(")", 1)[1].split()[19]  # after the command name, field 22 is the 20th
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()[:8]
+        return f"{boot}+{ticks}"
+    except (OSError, IndexError):
+        ms = started_ms(pid)
+        return None if ms is None else str(ms)
+
+
 def owner(pid: int | None = None) -> str:
     pid = pid or os.getpid()
-    return f"{socket.gethostname()}:{pid}:{started_ms(pid)}"
+    return f"{socket.gethostname()}:{pid}:{start_stamp(pid)}"
 
 
 def invocation_key() -> str:
@@ -41,7 +62,7 @@ def invocation_key() -> str:
         return explicit
     proc = lifecycle.dvc_process()
     if proc is not None:
-        return f"dvc:{proc.pid}:{started_ms(proc.pid)}:{dvc_experiment()}"
+        return f"dvc:{proc.pid}:{start_stamp(proc.pid)}:{dvc_experiment()}"
     return f"standalone:{os.getpid()}:{int(time.time() * 1000)}"
 
 
@@ -49,7 +70,7 @@ def owner_alive(tag: str) -> bool:
     host, pid, started = tag.rsplit(":", 2)
     if host != socket.gethostname():
         return True  # another machine's process: not ours to judge
-    return pid.isdigit() and str(started_ms(int(pid))) == started
+    return pid.isdigit() and str(start_stamp(int(pid))) == started
 
 
 def git_commit(root: Path) -> str:
