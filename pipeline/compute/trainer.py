@@ -127,9 +127,9 @@ def fit(cfg, root: Path, stage: str, run_name: str, loop, loop_config: dict, sca
                                      torch_config=cluster.torch_config(cfg))
         log.info("Ray's own log: %s", log_file)
         warming = threading.Thread(target=_quietly, args=(warm,), name=f"{stage}-warm", daemon=True) if warm else None
+        if warming:
+            warming.start()  # before the try: its finally joins only a thread that started
         try:
-            if warming:
-                warming.start()
             result = job.fit()
         except TrainingFailedError as err:
             raise PipelineError(training_failure(err, cfg, log_file)) from None

@@ -113,10 +113,10 @@ def warm_up(task: str) -> None:
 
     register()
     if task == "detection":
-        import mmdet.apis
+        import mmdet.apis  # noqa: F401
         import mmdet.visualization  # noqa: F401
     else:
-        import mmseg.apis
+        import mmseg.apis  # noqa: F401
         import mmseg.visualization  # noqa: F401
 
 
