@@ -24,7 +24,6 @@ def test_detection_config_builds_a_mask_rcnn_with_the_iformer_backbone():
     from mmengine.registry import init_default_scope
 
     from iformer.dense.backbone import IFormerBackbone
-    from iformer.dense.registry import register
 
     cfg = Config()
     mm = MMConfig(build_config(cfg, "detection", DET_DATA, "/tmp/w", "init.pt", 1, False))
@@ -34,7 +33,7 @@ def test_detection_config_builds_a_mask_rcnn_with_the_iformer_backbone():
     assert mm.train_cfg.max_epochs == cfg.detection.train.epochs
     assert mm.optim_wrapper.optimizer.lr == cfg.detection.train.lr
     assert mm.model.backbone.pretrained == "init.pt"
-    register()
+    configs.register()
     init_default_scope("mmdet")
     model = MODELS.build(dict(mm.model, backbone=dict(mm.model.backbone, pretrained=None)))
     assert type(model).__name__ == "MaskRCNN" and isinstance(model.backbone, IFormerBackbone)
@@ -46,19 +45,19 @@ def test_detection_config_builds_a_mask_rcnn_with_the_iformer_backbone():
 
 
 
-def test_roi_align_runs_torchvisions_kernel_with_mmcvs_results():
-    """Both RoI extractors keep mmcv's RoIAlign (aligned, average, adaptive sampling) and run it
-    through torchvision: the features and their gradients equal mmcv's own CPU kernel's."""
+def test_roi_align_keeps_mmcvs_results_and_its_gradient_is_torchvisions():
+    """Both RoI extractors keep mmcv's RoIAlign (aligned, average, adaptive sampling): on NCHW and
+    on NHWC maps their features and gradients equal mmcv's own CPU kernel's on the NCHW map."""
     import torch
-    from mmcv.ops import RoIAlign
+    from mmcv.ops import RoIAlign as MMCVRoIAlign
     from mmdet.registry import MODELS
     from mmengine.config import Config as MMConfig
     from mmengine.registry import init_default_scope
 
-    from iformer.dense.registry import register
+    from pipeline.dense.roi_align import RoIAlign
 
     mm = MMConfig(build_config(Config(), "detection", DET_DATA, "/tmp/w", None, 1, False))
-    register()
+    configs.register()
     init_default_scope("mmdet")
     torch.manual_seed(0)
     feat = torch.randn(2, 8, 24, 24)
@@ -66,38 +65,74 @@ def test_roi_align_runs_torchvisions_kernel_with_mmcvs_results():
     rois = torch.tensor([[0, 3.0, 5.0, 17.0, 30.0], [1, 10.0, 2.0, 90.0, 60.0], [0, 80.0, 70.0, 110.0, 99.0]])
     for key, size in (("bbox_roi_extractor", 7), ("mask_roi_extractor", 14)):
         extractor = MODELS.build(mm.model.roi_head[key])
+        assert type(extractor).__name__ == "SeparableRoIExtractor" and len(extractor.roi_layers) == 4
         layer = extractor.roi_layers[0]
-        assert layer.use_torchvision and layer.aligned and layer.pool_mode == "avg" and layer.sampling_ratio == 0
-        mmcv_own = RoIAlign(size, spatial_scale=0.25, sampling_ratio=0, aligned=True)
-        a, b = feat.clone().requires_grad_(), feat.clone().requires_grad_()
-        ours, theirs = layer(a, rois), mmcv_own(b, rois)
-        assert ours.shape == (3, 8, size, size)
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
-        weights = torch.randn_like(ours)
-        (ours * weights).sum().backward()
+        assert type(layer) is RoIAlign and isinstance(layer, MMCVRoIAlign)
+        assert layer.aligned and layer.pool_mode == "avg" and layer.sampling_ratio == 0
+        assert [m.spatial_scale for m in extractor.roi_layers] == [0.25, 0.125, 0.0625, 0.03125]
+        mmcv_own = MMCVRoIAlign(size, spatial_scale=0.25, sampling_ratio=0, aligned=True)
+        theirs_in = feat.clone().requires_grad_()
+        theirs = mmcv_own(theirs_in, rois)
+        weights = torch.randn_like(theirs)
         (theirs * weights).sum().backward()
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
-        assert a.grad.abs().sum() > 0
+        for layout in (torch.contiguous_format, torch.channels_last):
+            mine = feat.clone().to(memory_format=layout).requires_grad_()
+            ours = layer(mine, rois)
+            assert ours.shape == (3, 8, size, size)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+            (ours * weights).sum().backward()
+            torch.testing.assert_close(mine.grad, theirs_in.grad, rtol=0, atol=1e-5)
+            assert mine.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_the_separable_roi_align_gradient_is_torchvisions_in_float64(aligned, sampling_ratio):
+    """RoIAlign's backward pass as two matrix products (`roi_align.separable_backward`) against
+    torchvision's own serial kernel, in float64 so that only the order of the sums may differ: RoIs on
+    every image in any order, half off the map, wider than it, a point, and one with no RoI at all."""
+    import torch
+    from torchvision.ops import roi_align as torchvision_roi_align
+
+    from pipeline.dense.roi_align import RoIAlign
+
+    torch.manual_seed(1)
+    feat = torch.randn(4, 5, 17, 23, dtype=torch.float64)  # image 3 has no RoI
+    corner = torch.rand(40, 2, dtype=torch.float64) * torch.tensor([23.0, 17.0]) * 4 - 8
+    rois = torch.cat([torch.randint(0, 3, (40, 1)).double(), corner,
+                      corner + torch.rand(40, 2, dtype=torch.float64) * 60], 1)
+    rois[0, 3:] = rois[0, 1:3]  # a point
+    rois[1, 1:] = torch.tensor([-20.0, -10.0, 130.0, 90.0])  # past every edge
+    layer = RoIAlign((7, 6), spatial_scale=0.25, sampling_ratio=sampling_ratio, aligned=aligned)
+    mine, theirs = feat.clone().requires_grad_(), feat.clone().requires_grad_()
+    ours = layer(mine, rois)
+    expected = torchvision_roi_align(theirs, rois, (7, 6), 0.25, sampling_ratio, aligned)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)  # torchvision's forward kernel itself
+    weights = torch.randn_like(ours)
+    (ours * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+    assert mine.grad[3].abs().max() == 0 and mine.grad[:3].abs().min() < mine.grad[:3].abs().max()
+
 
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_channels_last_networks_step_as_nchw_ones(tmp_path, task):
     """`*.train.channels_last`: the worker's Runner puts every 4-D weight in NHWC memory before it
     wraps the network (and leaves it NCHW when the flag is off); on one real training batch of the
     digit scenes the NHWC network's losses and gradients are the NCHW network's, to float rounding
-    (Mask R-CNN's RoIAlign, which runs torchvision's kernel, included)."""
+    (Mask R-CNN's RoIAlign and its separable backward pass included)."""
     import copy
 
     import torch
     from mmengine.config import Config as MMConfig
 
-    from iformer.dense.registry import register
     from pipeline.dense import scenes
     from pipeline.dense.worker import ChannelsLastRunner
 
     scenes.write(tmp_path, train=4, val=2, size=64, per_scene=(1, 3), digit_size=(18, 26), seed=3)
     data = (dict(DET_DATA, root=str(tmp_path / "coco")) if task == "detection"
             else dict(SEG_DATA, root=str(tmp_path / "ade20k")))
-    register()
+    configs.register()
     mm = build_config(Config(), task, data, str(tmp_path / "work"), None, 1, False)
     assert mm["channels_last"] is True  # params.yaml's default
     # mmengine keys its default scope and logger by the experiment's name (by default the second
@@ -141,15 +176,13 @@ def test_segmentation_config_builds_a_semantic_fpn():
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 
-    from iformer.dense.registry import register
-
     cfg = Config()
     mm = MMConfig(build_config(cfg, "segmentation", SEG_DATA, "/tmp/w", None, 1, False))
     ds = mm.train_dataloader.dataset
     assert ds.type == "BaseSegDataset" and ds.reduce_zero_label and ds.metainfo.classes == SEG_CLASSES
     assert "LoadAnnotations" in _types(ds.pipeline) and mm.train_cfg.max_iters == cfg.segmentation.train.iters
     assert mm.val_evaluator.type == "IoUMetric"
-    register()
+    configs.register()
     init_default_scope("mmseg")
     model = MODELS.build(mm.model)
     assert type(model).__name__ == "EncoderDecoder" and model.decode_head.num_classes == len(SEG_CLASSES)

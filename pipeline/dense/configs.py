@@ -17,6 +17,17 @@ MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]
 
 
+def register() -> None:
+    """Idempotent: add the types these configs name beyond mmdet's and mmseg's own to their
+    registries: the iFormer backbone (both) and Mask R-CNN's `roi_align.SeparableRoIExtractor`."""
+    from iformer.dense.registry import register as register_backbone
+
+    from . import roi_align
+
+    register_backbone()
+    roi_align.register()
+
+
 def backbone(section, variant: str, init: str | None, layer_scale: float | None) -> dict:
     """The IFormerBackbone entry; `layer_scale` as the initial weights have it (None: the official value)."""
     b = section.backbone
@@ -93,10 +104,10 @@ def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int,
                     filter_cfg=None if test else dict(filter_empty_gt=True, min_size=8),
                     test_mode=test, pipeline=test_pipeline if test else train_pipeline)
 
-    roi = dict(type="SingleRoIExtractor", out_channels=ch, featmap_strides=[4, 8, 16, 32])
-    # mmcv's RoIAlign layer (aligned, average) run by torchvision's kernel: the same sampling,
-    # equal outputs and gradients, and a faster backward pass on CPUs.
-    align = dict(type="RoIAlign", sampling_ratio=0, use_torchvision=True)
+    # mmdet's SingleRoIExtractor with mmcv's RoIAlign (aligned, average, adaptive sampling) run by
+    # torchvision's forward kernel and, on CPUs, a backward pass on every thread (`roi_align`).
+    roi = dict(type="SeparableRoIExtractor", out_channels=ch, featmap_strides=[4, 8, 16, 32])
+    align = dict(type="RoIAlign", sampling_ratio=0, aligned=True)
     model = dict(
         type="MaskRCNN",
         data_preprocessor=dict(type="DetDataPreprocessor", mean=MEAN, std=STD, bgr_to_rgb=True, pad_mask=True,

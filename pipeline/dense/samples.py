@@ -17,8 +17,7 @@ SCORE_THRESHOLD = 0.3
 def _model(task: str, mm: dict, weights: Path):
     from mmengine.config import Config as MMConfig
 
-    from iformer.dense.registry import register
-
+    from .configs import register
     from .mmengine_checkpoints import allow_mmengine_checkpoints
 
     register()
@@ -107,9 +106,9 @@ def caption(path: Path, title: str, scale: int = 2) -> None:
 
 
 def warm_up(task: str) -> None:
-    """What `draw_samples` imports (the registries with our backbone, the task's inference API and
+    """What `draw_samples` imports (the registries with our types, the task's inference API and
     visualizer), readied while the stage's driver waits on training (`trainer.fit`'s `warm`)."""
-    from iformer.dense.registry import register
+    from .configs import register
 
     register()
     if task == "detection":

@@ -74,8 +74,6 @@ def train_loop_per_worker(config: dict) -> None:
     from mmengine.config import Config as MMConfig
     from ray.train import Checkpoint
 
-    from iformer.dense.registry import register
-
     cfg = Config.model_validate(config["cfg"])
     task = config["task"]
     section = getattr(cfg, task)
@@ -86,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     # mmengine seeds random, numpy and torch from `randomness` when the Runner starts; the kernels
     # are ours to choose (its own `deterministic` would make ops without a deterministic CUDA kernel fail).
     seed_everything(section.train.seed, deterministic=True)
-    register()
+    configs.register()
     allow_mmengine_checkpoints()
 
     # mmengine's work dir: its logs, config dump and resume copy; gone however the run ends.
