@@ -114,7 +114,7 @@ class RoIAlign(MMCVRoIAlign):
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if input.is_cuda:
             return super().forward(input, rois)
-        return _RoIAlign.apply(input, rois.to(input.dtype), self.output_size, self.spatial_scale,
+        return _RoIAlign.apply(input, rois, self.output_size, self.spatial_scale,
                                self.sampling_ratio, self.aligned)
 
 
