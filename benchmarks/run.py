@@ -32,6 +32,9 @@ P6  per-epoch time of the pretrain stage with 2 workers on 2 nodes / 1 worker on
     checkpoint (from history.csv's train/val/checkpoint_seconds).
 P7  `train.compile` in the pretrain stage: compile time (a cold Inductor cache each run),
     steady img/s compiled / eager, and whether it pays for itself within the default run.
+P8  a Mask R-CNN training step (params.yaml's detection network, digit scenes) with the
+    separable RoIAlign gradient (`pipeline/dense/roi_align.py`) / with torchvision's serial
+    CPU kernel, in alternating blocks of steps; median step times.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks import cluster, latency, repro, training  # noqa: E402
+from benchmarks import cluster, dense, latency, repro, training  # noqa: E402
 
 #: Each benchmark: its name on the command line -> how it runs with the parsed arguments.
 BENCHMARKS = {
@@ -52,6 +55,7 @@ BENCHMARKS = {
     "p4": lambda a: repro.p4_p5(a.reps),  # P4 and P5 share one repo: one run prints both
     "p6": lambda a: cluster.p6(a.reps, a.epochs),
     "p7": lambda a: training.p7(a.reps, a.epochs),
+    "p8": lambda a: dense.p8(a.reps),
 }
 ALIASES = {"p5": "p4"}
 
