@@ -30,6 +30,7 @@ from mmcv.ops import RoIAlign as MMCVRoIAlign
 from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
 from torch import nn
 
+
 def axis_weights(start: torch.Tensor, size: torch.Tensor, pooled: int, extent: int, sampling_ratio: int,
                  aligned: bool) -> torch.Tensor:
     """(RoIs, pooled, extent): each bin's mean interpolation weight on each row (or column) of the map.
