@@ -17,12 +17,13 @@ pipeline: setup
 	dvc repro
 	@python -m pipeline.exps --summary
 
-# The fast tier runs on two pytest workers (its tests wait on processes more than they compute), each
-# taking the next test when it is free (worksteal: no worker idles behind the other's long tail); the
-# slow tier, whose stages each train on both cores, one test at a time. Both tiers always run.
+# Both tiers run on two pytest workers (tests/conftest.py makes torch's waiting threads sleep there).
+# The fast tier's workers each take the next test when free (worksteal: neither idles behind the
+# other's long tail); the slow tier's take whole files (their module fixtures built once), the files
+# on the shared 2-node cluster as one unit, the longest units first. Both tiers always run.
 test: setup
 	@rc=0; python -m pytest -q -m "not slow" -n 2 --dist worksteal tests --durations=10 || rc=1; \
-	python -m pytest -q -m slow tests --durations=25 || rc=1; exit $$rc
+	python -m pytest -q -m slow -n 2 --dist loadfile --no-loadscope-reorder tests --durations=25 || rc=1; exit $$rc
 
 test-fast: setup
 	python -m pytest -q -m "not slow" -n 2 --dist worksteal tests --durations=10

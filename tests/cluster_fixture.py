@@ -237,26 +237,53 @@ print(json.dumps([[a.pid, a.node_id, a.state] for a in actors]))
 ALIVE_NODES = "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))"
 
 
-@pytest.fixture(scope="session")
+#: The running shared cluster, if any (`cluster`): one per pytest process at a time.
+SHARED: dict[str, LoopbackCluster] = {}
+
+
+def start_shared(base: Path) -> LoopbackCluster:
+    ray_cluster = LoopbackCluster(base, cpus=1)
+    try:
+        ray_cluster.start(nodes=2)
+        ray_cluster.mlflow = MlflowServer(base)
+    except BaseException:
+        ray_cluster.stop()
+        raise
+    ray_cluster.storage = base / "shared-storage"  # what every node reaches (NFS/S3 on a real cluster)
+    return ray_cluster
+
+
+def stop_shared() -> None:
+    ray_cluster = SHARED.pop("cluster", None)
+    if ray_cluster is not None:
+        ray_cluster.mlflow.stop()
+        ray_cluster.stop()
+
+
+@pytest.fixture
 def cluster(tmp_path_factory):
     """A 2-node loopback cluster (one CPU per node) with an MLflow server and a shared storage dir.
 
-    One for the whole session (conftest registers this module as a plugin and runs the tests that
-    use it last, one after another): each test works in its own repo, storage dir and run names.
+    Shared by the tests that use it, which run one after another (conftest groups them): started
+    for the first, stopped after the last (the next test of this process needs none), so its
+    daemons never idle beside the other tests. Each test works in its own repo, storage dir and
+    run names.
     """
-    base = tmp_path_factory.mktemp("cluster")
-    ray_cluster = LoopbackCluster(base, cpus=1)
-    server = None
-    try:
-        ray_cluster.start(nodes=2)
-        server = MlflowServer(base)
-        ray_cluster.mlflow = server
-        ray_cluster.storage = base / "shared-storage"  # what every node reaches (NFS/S3 on a real cluster)
-        yield ray_cluster
-    finally:
-        if server is not None:
-            server.stop()
-        ray_cluster.stop()
+    if "cluster" not in SHARED:
+        SHARED["cluster"] = start_shared(tmp_path_factory.mktemp("cluster"))
+    return SHARED["cluster"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    if "cluster" in SHARED and (nextitem is None or "cluster" not in getattr(nextitem, "fixturenames", ())):
+        stop_shared()
+    return result
+
+
+def pytest_sessionfinish():
+    stop_shared()
 
 
 def cluster_repo(path: Path, cluster: LoopbackCluster, over: dict | None = None):

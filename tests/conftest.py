@@ -16,21 +16,63 @@ from pipeline.dense.scenes import DIGIT_CLASSES, SEG_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The 2-node loopback cluster and its MLflow server, one for the session (`cluster_fixture.cluster`);
+# The 2-node loopback cluster and its MLflow server, shared by the tests on it (`cluster_fixture.cluster`);
 # `leaks`: no Ray daemon outlives the test module that started it.
 pytest_plugins = ["cluster_fixture", "leaks"]
 
 
+#: The modules whose tests use the shared cluster (`cluster_fixture.cluster`): one work unit.
+CLUSTER_MODULES = ("test_cluster", "test_faults", "test_submit", "test_submit_experiments", "test_sweep")
+#: Work units that start first when the slow tier runs on two processes: the default-params repro
+#: and the cluster's tests, one on each; the other modules fill in after them.
+LONGEST_FIRST = ("test_pipeline_e2e", "cluster")
+
+
+def unit(module: str) -> str:
+    return "cluster" if module in CLUSTER_MODULES else module
+
+
 def pytest_collection_modifyitems(items):
-    """Tests on the shared cluster run last, one after another: its daemons would take CPU from every
-    test that ran while it idled, and it is stopped right after the last of them."""
-    items.sort(key=lambda item: "cluster" in getattr(item, "fixturenames", ()))
+    """The longest units first, and the cluster's tests one after another: it is started for the
+    first and stopped after the last, so its daemons never idle beside the other tests."""
+    def order(item) -> tuple:
+        name = item.module.__name__
+        rank = LONGEST_FIRST.index(unit(name)) if unit(name) in LONGEST_FIRST else len(LONGEST_FIRST)
+        return rank, "cluster" not in getattr(item, "fixturenames", ())
+
+    strays = [item.nodeid for item in items if "cluster" in getattr(item, "fixturenames", ())
+              and item.module.__name__ not in CLUSTER_MODULES]
+    if strays:
+        raise pytest.UsageError(f"tests on the shared cluster outside CLUSTER_MODULES: {strays}")
+    items.sort(key=order)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`: one work unit per test file (its module-scoped fixtures built once), and one
+    for all of CLUSTER_MODULES (the cluster is started once). xdist's own `loadgroup` cannot do it:
+    on pytest 9.2 it loses its groups (pytest-dev/pytest-xdist#1386)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Units(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return unit(Path(path).stem) if path.endswith(".py") else path
+
+    return Units(config, log)
+
 
 # The tests stop stages with Ctrl-C (SIGINT). A suite started in the background of a
 # script inherits SIGINT ignored, and so would every process it starts: give them Python's
 # own handling back (a handler here becomes the default disposition in the children).
 signal.signal(signal.SIGINT, signal.default_int_handler)
 VENV_BIN = Path(sys.executable).parent
+# Two tests at once (pytest-xdist): torch's OpenMP threads wait for each other by spinning, and
+# two 2-thread trainings on 2 cores then spin away each other's time slices. One Semantic FPN step
+# took 0.23 s alone and 4.1 s beside another; with waiting threads that sleep, 0.46 s (2x).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Small but real: 32 px digits, iformer_t, two epochs.
 TINY = {
