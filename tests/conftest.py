@@ -36,12 +36,12 @@ def pytest_collection_modifyitems(items):
     """The longest units first, and the cluster's tests one after another: it is started for the
     first and stopped after the last, so its daemons never idle beside the other tests."""
     def order(item) -> tuple:
-        name = item.module.__name__
+        name = item.path.stem
         rank = LONGEST_FIRST.index(unit(name)) if unit(name) in LONGEST_FIRST else len(LONGEST_FIRST)
         return rank, "cluster" not in getattr(item, "fixturenames", ())
 
     strays = [item.nodeid for item in items if "cluster" in getattr(item, "fixturenames", ())
-              and item.module.__name__ not in CLUSTER_MODULES]
+              and item.path.stem not in CLUSTER_MODULES]
     if strays:
         raise pytest.UsageError(f"tests on the shared cluster outside CLUSTER_MODULES: {strays}")
     items.sort(key=order)
