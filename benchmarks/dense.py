@@ -50,8 +50,9 @@ def p8(reps: int, steps: int = 10) -> None:
             model.train()
             batches = list(runner.train_dataloader)
             times = {"separable": [], "torchvision": []}
-            layers = {"separable": lambda *a: RoIAlign(*a[:3], "avg", a[3]),
-                      "torchvision": lambda *a: MMCVRoIAlign(*a[:3], "avg", a[3], use_torchvision=True)}
+            layers = {"separable": lambda size, scale, ratio, aligned: RoIAlign(size, scale, ratio, "avg", aligned),
+                      "torchvision": lambda size, scale, ratio, aligned: MMCVRoIAlign(
+                          size, scale, ratio, "avg", aligned, use_torchvision=True)}
             for r in range(reps + 1):  # the first round warms both up and is not counted
                 for name in (list(times) if r % 2 else list(times)[::-1]):
                     _swap(model, layers[name])

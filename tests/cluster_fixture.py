@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_for  # noqa: F401 (the cluster tests import it from here)
+from conftest import uses_cluster, wait_for  # noqa: F401 (the cluster tests import wait_for from here)
 from leaks import open_paths
 
 from pipeline.compute.local import API_SERVER_ENV
@@ -277,7 +277,7 @@ def cluster(tmp_path_factory):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     result = yield
-    if "cluster" in SHARED and (nextitem is None or "cluster" not in getattr(nextitem, "fixturenames", ())):
+    if "cluster" in SHARED and (nextitem is None or not uses_cluster(nextitem)):
         stop_shared()
     return result
 

@@ -32,16 +32,19 @@ def unit(module: str) -> str:
     return "cluster" if module in CLUSTER_MODULES else module
 
 
+def uses_cluster(item) -> bool:
+    return "cluster" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(items):
     """The longest units first, and the cluster's tests one after another: it is started for the
     first and stopped after the last, so its daemons never idle beside the other tests."""
     def order(item) -> tuple:
-        name = item.path.stem
-        rank = LONGEST_FIRST.index(unit(name)) if unit(name) in LONGEST_FIRST else len(LONGEST_FIRST)
-        return rank, "cluster" not in getattr(item, "fixturenames", ())
+        name = unit(item.path.stem)
+        rank = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return rank, not uses_cluster(item)
 
-    strays = [item.nodeid for item in items if "cluster" in getattr(item, "fixturenames", ())
-              and item.path.stem not in CLUSTER_MODULES]
+    strays = [item.nodeid for item in items if uses_cluster(item) and item.path.stem not in CLUSTER_MODULES]
     if strays:
         raise pytest.UsageError(f"tests on the shared cluster outside CLUSTER_MODULES: {strays}")
     items.sort(key=order)
