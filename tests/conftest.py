@@ -21,15 +21,28 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest_plugins = ["cluster_fixture", "leaks"]
 
 
-#: The modules whose tests use the shared cluster (`cluster_fixture.cluster`): one work unit.
-CLUSTER_MODULES = ("test_cluster", "test_faults", "test_submit", "test_submit_experiments", "test_sweep")
-#: Work units that start first when the slow tier runs on two processes: the default-params repro
-#: and the cluster's tests, one on each; the other modules fill in after them.
-LONGEST_FIRST = ("test_pipeline_e2e", "cluster")
+#: Session fixtures that several test files share, each with those files: they run as one work
+#: unit, named after the fixture, so that one worker builds it once (each pytest-xdist worker has
+#: its own session). `cluster`: the 2-node loopback cluster (`cluster_fixture`); `exported`: the
+#: tiny repo with the export stage run.
+SHARED_UNITS = {
+    "cluster": ("test_cluster", "test_faults", "test_submit", "test_submit_experiments", "test_sweep"),
+    "exported": ("test_export", "test_latency"),
+}
+#: The slow tier's work units, with the worker-seconds each took (setup, call and teardown of its
+#: tests; `--durations=0` on two workers, Intel Xeon, 2026-12-06). The units are handed out longest
+#: first, so the cluster's and the default-params repro's start at once, one on each worker, and
+#: the last to finish are short ones: neither worker idles long behind the other. A unit missing
+#: here goes last; a rough figure is enough, only the order counts.
+UNIT_SECONDS = {"cluster": 1321, "test_pipeline_e2e": 999, "test_runtime": 382, "test_browser": 282,
+                "test_stale": 273, "test_field": 253, "test_dense_train": 238, "test_pretrain": 228,
+                "exported": 158, "test_distill": 143, "test_reproducible": 132, "test_dense_resume": 132,
+                "test_data_parallel": 125, "test_released_weights": 125, "test_dense_backbone": 95,
+                "test_recipes": 11, "test_dvc_deps": 9}
 
 
 def unit(module: str) -> str:
-    return "cluster" if module in CLUSTER_MODULES else module
+    return next((name for name, modules in SHARED_UNITS.items() if module in modules), module)
 
 
 def uses_cluster(item) -> bool:
@@ -37,22 +50,23 @@ def uses_cluster(item) -> bool:
 
 
 def pytest_collection_modifyitems(items):
-    """The longest units first, and the cluster's tests one after another: it is started for the
-    first and stopped after the last, so its daemons never idle beside the other tests."""
+    """The longest units first (`UNIT_SECONDS`; a stable sort keeps each unit's tests together, in
+    file order), and the cluster's tests one after another: it is started for the first and stopped
+    after the last, so its daemons never idle beside the other tests."""
     def order(item) -> tuple:
         name = unit(item.path.stem)
-        rank = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-        return rank, not uses_cluster(item)
+        return -UNIT_SECONDS.get(name, 0), name, not uses_cluster(item)
 
-    strays = [item.nodeid for item in items if uses_cluster(item) and item.path.stem not in CLUSTER_MODULES]
+    strays = [f"{item.nodeid} ({fixture})" for item in items for fixture, modules in SHARED_UNITS.items()
+              if fixture in getattr(item, "fixturenames", ()) and item.path.stem not in modules]
     if strays:
-        raise pytest.UsageError(f"tests on the shared cluster outside CLUSTER_MODULES: {strays}")
+        raise pytest.UsageError(f"tests on a shared fixture outside its SHARED_UNITS modules: {strays}")
     items.sort(key=order)
 
 
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile`: one work unit per test file (its module-scoped fixtures built once), and one
-    for all of CLUSTER_MODULES (the cluster is started once). xdist's own `loadgroup` cannot do it:
+    for each of SHARED_UNITS (its session fixture built once). xdist's own `loadgroup` cannot do it:
     on pytest 9.2 it loses its groups (pytest-dev/pytest-xdist#1386)."""
     if config.getoption("dist") != "loadfile":
         return None
