@@ -30,7 +30,7 @@ SHARED_UNITS = {
     "exported": ("test_export", "test_latency"),
 }
 #: The slow tier's work units, with the worker-seconds each took (setup, call and teardown of its
-#: tests; `--durations=0` on two workers, Intel Xeon, 2026-12-06). The units are handed out longest
+#: tests; `--durations=0` on two workers, 2-core AMD EPYC, 2026-12-06). The units are handed out longest
 #: first, so the cluster's and the default-params repro's start at once, one on each worker, and
 #: the last to finish are short ones: neither worker idles long behind the other. A unit missing
 #: here goes last; a rough figure is enough, only the order counts.
