@@ -30,10 +30,10 @@ SHARED_UNITS = {
     "exported": ("test_export", "test_latency"),
 }
 #: The slow tier's work units, with the worker-seconds each took (setup, call and teardown of its
-#: tests; `--durations=0` on two workers, 2-core AMD EPYC, 2026-12-06). The units are handed out longest
-#: first, so the cluster's and the default-params repro's start at once, one on each worker, and
-#: the last to finish are short ones: neither worker idles long behind the other. A unit missing
-#: here goes last; a rough figure is enough, only the order counts.
+#: tests; `--durations=0` on two workers, 2-core AMD EPYC, 2026-12-06). The units are handed out
+#: longest first, so the cluster's and the default-params repro's start at once, one on each
+#: worker, and the last to finish are short ones. A unit missing here goes last; a rough figure is
+#: enough, only the order counts.
 UNIT_SECONDS = {"cluster": 1321, "test_pipeline_e2e": 999, "test_runtime": 382, "test_browser": 282,
                 "test_stale": 273, "test_field": 253, "test_dense_train": 238, "test_pretrain": 228,
                 "exported": 158, "test_distill": 143, "test_reproducible": 132, "test_dense_resume": 132,
@@ -45,8 +45,12 @@ def unit(module: str) -> str:
     return next((name for name, modules in SHARED_UNITS.items() if module in modules), module)
 
 
+def uses(item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
 def uses_cluster(item) -> bool:
-    return "cluster" in getattr(item, "fixturenames", ())
+    return uses(item, "cluster")
 
 
 def pytest_collection_modifyitems(items):
@@ -58,7 +62,7 @@ def pytest_collection_modifyitems(items):
         return -UNIT_SECONDS.get(name, 0), name, not uses_cluster(item)
 
     strays = [f"{item.nodeid} ({fixture})" for item in items for fixture, modules in SHARED_UNITS.items()
-              if fixture in getattr(item, "fixturenames", ()) and item.path.stem not in modules]
+              if uses(item, fixture) and item.path.stem not in modules]
     if strays:
         raise pytest.UsageError(f"tests on a shared fixture outside its SHARED_UNITS modules: {strays}")
     items.sort(key=order)
