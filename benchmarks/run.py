@@ -16,7 +16,9 @@ P1  pretrain-stage training throughput (the Ray Train loop, steady epochs) / a b
     worker actor, whose main thread takes the GIL for Ray's signal check every 10 ms
     (hard-coded in Ray); the same loop measured 0.94x in an actor's thread vs a Ray task.
 P2  fixed overhead of the pretrain stage: its wall time (`python -m stages.pretrain`,
-    default config, model logged) minus the time of its epochs. Goal <= 10 s.
+    default config, model logged) minus the time of its epochs. Goal <= 10 s. Then where it
+    goes, phase by phase, from the times the stage's lines arrive and the Ray processes it
+    starts appear (`benchmarks/timeline.py`; the stage is not instrumented).
 P3  CPU latency of iformer_m at 224, batch 1: fused / unfused, the deploy form / unfused,
     ONNX Runtime / torch. Round-robin blocks of calls; medians and IQRs. Goal fused /
     unfused <= 0.8.

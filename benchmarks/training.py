@@ -172,22 +172,29 @@ def p1(reps: int, epochs: int, train_py: Path | None) -> None:
 def p2(reps: int) -> None:
     from conftest import make_repo
 
+    from benchmarks import timeline
+
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp) / "repo", {"train": {"epochs": 2}})
         repo.stage("prepare")
-        overheads = []
+        overheads, parts = [], []
         for i in range(reps):
             repo.set_params({"train": {"seed": i}})  # a new Ray run each time, not a resumed one
-            start = time.perf_counter()
-            repo.stage("pretrain")
-            wall = time.perf_counter() - start
+            code, out, marks = timeline.run([sys.executable, "-m", "stages.pretrain"], repo.path, repo.env)
+            if code != 0:
+                raise SystemExit(f"P2: the pretrain stage failed ({code}):\n{out[-4000:]}")
             with open(repo.path / "artifacts/pretrain/history.csv") as f:
                 epochs = sum(float(row["epoch_seconds"]) for row in csv.DictReader(f))
+            wall = marks["end"]
             overheads.append(wall - epochs)
+            parts.append(timeline.phases(marks, epochs))
             print(f"P2 rep {i + 1}: stage {wall:.1f} s, epochs {epochs:.1f} s, fixed overhead {wall - epochs:.1f} s",
                   flush=True)
     print(f"P2 fixed overhead of the pretrain stage (imports, Ray start-up and shutdown, worker start, final "
-          f"checkpoint, model logging): median {statistics.median(overheads):.1f} s (goal <= 10 s)")
+          f"checkpoint, model logging): median {statistics.median(overheads):.1f} s (goal <= 10 s), of which:")
+    for k, (label, _) in enumerate(parts[0]):
+        seen = [p[k][1] for p in parts if p[k][1] is not None]
+        print(f"    {statistics.median(seen):5.1f} s  {label}" if seen else f"      n/a  {label} (not seen)")
 
 
 # -- P7 --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The benchmarks' own parsing and data plumbing (their figures come from `make bench`, not tests)."""
-from benchmarks import cluster, training
+from benchmarks import cluster, timeline, training
 from pipeline.classify.datasets import Prepared
 
 
@@ -60,3 +60,33 @@ def test_dvc_reads_yaml_through_ruamels_c_parser():
 
     assert YAML(typ="safe").Parser.__module__ == "ruamel.yaml.clib._ruamel_yaml"
     assert loads_yaml("lr: 1e-08\nflag: on\nn: 1_000\n") == {"lr": 1e-08, "flag": "on", "n": 1000}
+
+
+def test_the_timeline_splits_a_stage_into_phases_that_add_up_to_its_fixed_cost():
+    # A stage of 40 s: Ray's first daemon at 5 s, the controller's process at 11, the worker's at 14,
+    # its loop ready at 21; 12 s of epochs inside 21..36; the model logged from 36 to 39.5.
+    marks = {"start": 0.0, "ray": 5.0, "controller": 11.0, "worker": 14.0, "ready": 21.0, "logging": 36.0,
+             "logged": 39.5, "end": 40.0}
+    seconds = [s for _, s in timeline.phases(marks, epochs=12.0)]
+    assert seconds == [5.0, 6.0, 3.0, 7.0, 3.0, 3.5, 0.5]
+    assert sum(seconds) == 40.0 - 12.0  # the stage's wall time minus its epochs
+    del marks["controller"]  # a process the watcher never saw: both phases it bounds are unknown
+    assert [s for _, s in timeline.phases(marks, epochs=12.0)][1:3] == [None, None]
+
+
+def test_the_timeline_marks_lines_and_processes_of_a_real_command(tmp_path):
+    """A stand-in stage: prints the worker's line after starting a child whose command line holds
+    `RayTrainWorker`, the way Ray titles a training worker's process."""
+    import sys
+
+    script = (
+        "import subprocess, sys, time\n"
+        "time.sleep(0.5)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5)', 'RayTrainWorker'])\n"
+        "time.sleep(0.8)\n"
+        "print('[pretrain] rank 0/1 on cpu', flush=True)\n"
+        "child.wait()\n")
+    code, out, marks = timeline.run([sys.executable, "-c", script], tmp_path, None)
+    assert code == 0 and "rank 0/1" in out
+    assert 0.4 < marks["worker"] < marks["ready"] < marks["end"], marks
+    assert marks["ready"] - marks["worker"] > 0.5 and "controller" not in marks
