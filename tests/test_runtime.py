@@ -27,7 +27,7 @@ FAST = {"train": {"epochs": 2, "log_every_batches": 5}, "data": {"image_size": 3
         "mlflow": {"log_model": False}}
 
 PROBE = textwrap.dedent("""
-    import json, os, subprocess, sys
+    import json, os, subprocess, sys, time
     from pathlib import Path
     import psutil
     from pipeline.compute import cluster, local
@@ -45,6 +45,17 @@ PROBE = textwrap.dedent("""
                 unix += [c.laddr for c in p.net_connections("unix") if c.laddr]
             except psutil.Error:
                 pass
+        time.sleep(2)  # before anything asks for a worker: Ray would have prestarted one per CPU by now
+        idle = []
+        for p in me.children(recursive=True):
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            # A Python worker runs default_worker.py (the raylet's own arguments only name it), or
+            # is titled ray::IDLE once up.
+            if any(a.endswith("/default_worker.py") for a in cmd[:2]) or cmd[:1] and cmd[0].startswith("ray::IDLE"):
+                idle.append(" ".join(cmd))
         worker_tmp = ray.get(ray.remote(lambda: __import__("tempfile").gettempdir()).remote())
         token = os.environ["RAY_AUTH_TOKEN_PATH"]
         from ray._private import worker
@@ -59,7 +70,8 @@ PROBE = textwrap.dedent("""
                           "token_mode": os.stat(token).st_mode & 0o777,
                           "intruder": intruder.stdout + intruder.stderr[-2000:],
                           "ray_monitor": ray_monitor, "found_monitor": found_monitor, "unix": unix,
-                          "worker_tmp": worker_tmp, "driver_tmp": __import__("tempfile").gettempdir()}))
+                          "worker_tmp": worker_tmp, "driver_tmp": __import__("tempfile").gettempdir(),
+                          "idle": idle}))
     gone = [not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in ray_monitor]
     print(json.dumps({"token_left": os.path.exists(token), "monitor_gone": gone}))
 """)
@@ -78,6 +90,7 @@ def test_local_ray_listens_on_loopback_only_and_refuses_callers_without_the_toke
     exposed = [entry for entry in info["listeners"] if entry[2] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert exposed == [], exposed
     assert info["token_mode"] == 0o600 and info["token"].startswith("/tmp/ray-")
+    assert info["idle"] == [], f"no worker starts before something asks for one: {info['idle']}"
     assert "CONNECTED" not in info["intruder"]
     assert "authentication" in info["intruder"].lower() or "token" in info["intruder"].lower(), info["intruder"]
     assert not after["token_left"], "the run's temp dir (with its token) is removed after shutdown"
