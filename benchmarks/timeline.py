@@ -22,7 +22,7 @@ PHASES = (
      "ray", "controller"),
     ("controller to worker (its process start and imports, the worker group)", "controller", "worker"),
     ("worker to its loop (process start, torch/timm/MLflow imports, data, model)", "worker", "ready"),
-    ("training beyond its epochs (checkpoints, reports)", "ready", "logging"),
+    ("beyond the epochs' steps and validation (each checkpoint and report, the weights file)", "ready", "logging"),
     ("model logging (`torch.export`, `mlflow.pytorch.log_model`)", "logging", "logged"),
     ("the end (registration, pruning, Ray's shutdown, exit)", "logged", "end"),
 )
