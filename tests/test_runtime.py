@@ -30,7 +30,7 @@ PROBE = textwrap.dedent("""
     import json, os, subprocess, sys, time
     from pathlib import Path
     import psutil
-    from pipeline.compute import cluster, local
+    from pipeline.compute import cluster, local, renice
     from pipeline.config import Config
 
     with cluster.session(Config(), Path.cwd(), "probe", Path(sys.argv[1]) / "ray.log"):
@@ -49,13 +49,10 @@ PROBE = textwrap.dedent("""
         idle = []
         for p in me.children(recursive=True):
             try:
-                cmd = p.cmdline()
+                if renice.is_unassigned_worker(p.cmdline(), p.name()):
+                    idle.append(" ".join(p.cmdline()))
             except psutil.Error:
                 continue
-            # A Python worker runs default_worker.py (the raylet's own arguments only name it), or
-            # is titled ray::IDLE once up.
-            if any(a.endswith("/default_worker.py") for a in cmd[:2]) or cmd[:1] and cmd[0].startswith("ray::IDLE"):
-                idle.append(" ".join(cmd))
         worker_tmp = ray.get(ray.remote(lambda: __import__("tempfile").gettempdir()).remote())
         token = os.environ["RAY_AUTH_TOKEN_PATH"]
         from ray._private import worker

@@ -64,14 +64,23 @@ class Renicer:
 
     @staticmethod
     def is_daemon(cmdline: list[str], name: str) -> bool:
+        if is_unassigned_worker(cmdline, name):  # it may become a training worker
+            return False
         title = cmdline[0] if cmdline else name
         if title.startswith("ray::"):  # an actor or task process, titled by Ray
-            return not title.startswith((TRAIN_WORKER_TITLE, "ray::IDLE"))
-        if any("default_worker.py" in part for part in cmdline[:3]):
-            return False  # a worker still starting up: it may become a training worker
+            return not title.startswith(TRAIN_WORKER_TITLE)
         return name != "raylet"
 
     def stop(self) -> None:
         self.done.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
+
+
+def is_unassigned_worker(cmdline: list[str], name: str) -> bool:
+    """A Ray Python worker running no actor or task yet: titled `ray::IDLE`, or still starting up
+    (running `default_worker.py`; the raylet's own arguments name that script much further on)."""
+    title = cmdline[0] if cmdline else name
+    if title.startswith("ray::"):
+        return title.startswith("ray::IDLE")
+    return any("default_worker.py" in part for part in cmdline[:3])
