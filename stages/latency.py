@@ -1,6 +1,11 @@
 """DVC stage `latency`: the exported models timed on iPhone, Mac, ONNX Runtime and torch."""
 from pipeline import stage
-from pipeline.deploy import latency
+
+
+def work() -> stage.Work:
+    from pipeline.deploy import latency
+    return stage.Work(latency.check, latency.run)
+
 
 if __name__ == "__main__":
-    stage.exit_with("latency", latency.check, latency.run)
+    stage.exit_with("latency", work)

@@ -1,6 +1,11 @@
 """DVC stage `prepare`: list (or, by default, make) the image data set."""
-from pipeline.classify import prepare
 from pipeline import stage
 
+
+def work() -> stage.Work:
+    from pipeline.classify import prepare
+    return stage.Work(prepare.check_prepare, prepare.run_prepare)
+
+
 if __name__ == "__main__":
-    stage.exit_with("prepare", prepare.check_prepare, prepare.run_prepare)
+    stage.exit_with("prepare", work)

@@ -1,6 +1,11 @@
 """DVC stage `pretrain`: pretrain an iFormer on Ray Train (optionally distilled)."""
-from pipeline.classify import pretrain
 from pipeline import stage
 
+
+def work() -> stage.Work:
+    from pipeline.classify import pretrain
+    return stage.Work(pretrain.check, pretrain.run, reopen=pretrain.interrupted_run)
+
+
 if __name__ == "__main__":
-    stage.exit_with("pretrain", pretrain.check, pretrain.run, reopen=pretrain.interrupted_run)
+    stage.exit_with("pretrain", work)

@@ -1,5 +1,11 @@
 """DVC stage `report`: markdown/JSON summary beside the paper's reference row."""
-from pipeline import report, stage
+from pipeline import stage
+
+
+def work() -> stage.Work:
+    from pipeline import report
+    return stage.Work(report.check, report.run)
+
 
 if __name__ == "__main__":
-    stage.exit_with("report", report.check, report.run)
+    stage.exit_with("report", work)

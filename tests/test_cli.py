@@ -159,7 +159,7 @@ def test_an_interrupted_export_promises_no_checkpoint(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path)
     script = ("import os, signal\nfrom pipeline import stage\n"
               "def check(cfg, root):\n    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "raise SystemExit(stage.main('export', check, lambda *a: None, []))\n")
+              "raise SystemExit(stage.main('export', lambda: stage.Work(check, lambda *a: None), []))\n")
     env = dict(os.environ, IFORMER_ROOT=str(tmp_path), PYTHONPATH=str(ROOT))
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
         env.pop(var, None)

@@ -15,6 +15,20 @@ def test_unknown_key_stops_before_anything(tiny_repo):
     assert not (tiny_repo.path / "mlflow").exists(), "no MLflow store, let alone a run"
 
 
+def test_every_stage_refuses_a_bad_value_before_importing_its_own_code(tiny_repo):
+    """`stage.main` loads a stage's modules only once its params are valid: a typo costs no torch import."""
+    import yaml
+
+    tiny_repo.set_params({"train": {"epochs": 0}})
+    names = list(yaml.safe_load((tiny_repo.path / "dvc.yaml").read_text())["stages"]) + ["field"]
+    assert len(names) == 10
+    for name in names:
+        out = _fails_cleanly(tiny_repo, name, "train.epochs = 0", env={"PYTHONPROFILEIMPORTTIME": "1"})
+        imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+        assert "pipeline.config" in imported, name  # the log is there: the params were read
+        assert not {"torch", "timm", "mlflow", "ray", "mmdet"} & imported, (name, sorted(imported))
+
+
 def test_unreachable_tracking_server(tiny_repo):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from .search import STAGE, check, run
 
 def main(argv: list[str] | None = None) -> int:
     return entry("python -m pipeline.sweep", STAGE, lambda cfg, root: run(cfg, root, check(cfg, root)), argv,
-                 interrupted_hint="the sweep's parent run is marked KILLED", description=__doc__)
+                 interrupted_hint=lambda: "the sweep's parent run is marked KILLED", description=__doc__)
 
 
 if __name__ == "__main__":
