@@ -1,14 +1,19 @@
 """mmengine checkpoints under torch's weights-only default (pipeline/dense/mmengine_checkpoints.py).
 
 Each run is a fresh process: the allow-list and the HistoryBuffer pickling are
-process-wide, so "before" and "after" must not share one.
+process-wide, so "before" and "after" must not share one. The runs are forked,
+one after another, from one process that imported mmengine and allowed nothing
+(`RUN`): each starts as that process was, and mmengine is imported once.
 """
+import json
 import os
 import pickle
 import pickletools
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -16,16 +21,11 @@ import torch
 from conftest import ROOT
 
 RUN = r'''
-import sys
+import json, os, sys, traceback
 import torch
 from torch import nn
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
-
-work_dir, mode, iters = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if mode != "plain":
-    from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints
-    allow_mmengine_checkpoints()
 
 
 class Toy(BaseModel):
@@ -38,28 +38,67 @@ class Toy(BaseModel):
         return {"loss": ((out - labels) ** 2).mean()} if mode == "loss" else out
 
 
-data = [{"inputs": torch.randn(2), "labels": torch.randn(())} for _ in range(8)]
-runner = Runner(
-    model=Toy(), work_dir=work_dir, default_scope="mmengine", log_level="WARNING",
-    train_dataloader=dict(dataset=data, batch_size=2, sampler=dict(type="DefaultSampler", shuffle=True),
-                          collate_fn=dict(type="default_collate")),
-    optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01)),
-    train_cfg=dict(by_epoch=False, max_iters=iters),
-    param_scheduler=dict(type="MultiStepLR", milestones=[2], by_epoch=False),
-    default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=4, by_epoch=False)),
-    load_from=sys.argv[4] if len(sys.argv) > 4 else None, resume=len(sys.argv) > 4,
-)
-runner.train()
-print("finished at iter", runner.iter, "with", len(runner.message_hub.get_scalar("train/loss").data[0]), "losses")
+def train(work_dir, mode, iters, resume_from):
+    if mode != "plain":
+        from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints
+        allow_mmengine_checkpoints()
+    data = [{"inputs": torch.randn(2), "labels": torch.randn(())} for _ in range(8)]
+    runner = Runner(
+        model=Toy(), work_dir=work_dir, default_scope="mmengine", log_level="WARNING",
+        train_dataloader=dict(dataset=data, batch_size=2, sampler=dict(type="DefaultSampler", shuffle=True),
+                              collate_fn=dict(type="default_collate")),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01)),
+        train_cfg=dict(by_epoch=False, max_iters=iters),
+        param_scheduler=dict(type="MultiStepLR", milestones=[2], by_epoch=False),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=4, by_epoch=False)),
+        load_from=resume_from, resume=resume_from is not None,
+    )
+    runner.train()
+    print("finished at iter", runner.iter, "with", len(runner.message_hub.get_scalar("train/loss").data[0]), "losses")
+
+
+for run in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:  # the run's own output to its own files, its status to ours
+        code = 1
+        with open(run["work_dir"] + ".out", "w") as out, open(run["work_dir"] + ".err", "w") as err:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            try:
+                train(run["work_dir"], run["mode"], run["iters"], run["resume_from"])
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    print(run["work_dir"], os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 '''
 
+#: name: (mode, iterations, the run whose 4th-iteration checkpoint it resumes from), in order.
+PLAN = {"first": ("patched", 4, None), "second": ("patched", 6, "first"),
+        "plain": ("plain", 4, None), "again": ("patched", 6, "plain")}
 
-def _run(tmp_path, name, mode, iters, resume_from=None):
-    work = tmp_path / name
-    cmd = [sys.executable, "-c", RUN, str(work), mode, str(iters)] + ([str(resume_from)] if resume_from else [])
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return work, out
+
+class Run(NamedTuple):
+    work: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Run]:
+    base = tmp_path_factory.mktemp("mmengine")
+    spec = [{"work_dir": str(base / name), "mode": mode, "iters": iters,
+             "resume_from": str(base / since / "iter_4.pth") if since else None}
+            for name, (mode, iters, since) in PLAN.items()]
+    out = subprocess.run([sys.executable, "-c", RUN, json.dumps(spec)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    codes = dict(line.rsplit(" ", 1) for line in out.stdout.splitlines())
+    return {name: Run(base / name, int(codes[str(base / name)]), (base / f"{name}.out").read_text(),
+                      (base / f"{name}.err").read_text()) for name in PLAN}
 
 
 def _globals(path) -> set:
@@ -68,10 +107,10 @@ def _globals(path) -> set:
     return {str(arg) for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
 
 
-def test_resume_loads_under_weights_only_and_allows_no_getattr(tmp_path):
-    work, out = _run(tmp_path, "first", "patched", 4)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = work / "iter_4.pth"
+def test_resume_loads_under_weights_only_and_allows_no_getattr(runs):
+    first = runs["first"]
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = first.work / "iter_4.pth"
     found = _globals(ckpt)
     assert "mmengine.logging.history_buffer HistoryBuffer" in found and "collections Counter" in found
     assert not any("getattr" in g for g in found), found
@@ -85,15 +124,15 @@ def test_resume_loads_under_weights_only_and_allows_no_getattr(tmp_path):
     torch_defaults = ("torch ", "torch._utils ", "collections OrderedDict", "_codecs encode")
     assert {g for g in found if not g.startswith(torch_defaults)} <= allowed, "exactly the needed globals"
 
-    _, resumed = _run(tmp_path, "second", "patched", 6, resume_from=ckpt)
+    resumed = runs["second"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "finished at iter 6 with 6 losses" in resumed.stdout, "resumed with the message hub's history"
 
 
-def test_checkpoints_pickled_the_original_way_stay_refused(tmp_path):
-    work, out = _run(tmp_path, "plain", "plain", 4)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = work / "iter_4.pth"
+def test_checkpoints_pickled_the_original_way_stay_refused(runs):
+    plain = runs["plain"]
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    ckpt = plain.work / "iter_4.pth"
     assert any("getattr" in g for g in _globals(ckpt))
 
     from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints
@@ -101,7 +140,7 @@ def test_checkpoints_pickled_the_original_way_stay_refused(tmp_path):
     allow_mmengine_checkpoints()
     with pytest.raises(pickle.UnpicklingError, match="getattr"):
         torch.load(ckpt, map_location="cpu")
-    _, resumed = _run(tmp_path, "again", "patched", 6, resume_from=ckpt)
+    resumed = runs["again"]
     assert resumed.returncode != 0 and "getattr" in resumed.stderr
 
 
