@@ -1,7 +1,6 @@
 """Build iFormer classifiers through timm's registry, and measure them."""
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -48,6 +47,8 @@ def build_model(
     eval mode the model returns the average of both heads, and `fuse()` folds
     them into one.
     """
+    import timm  # here, not above: the layer-scale rules serve stages that never build a network
+
     return timm.create_model(
         variant,
         pretrained=False,

@@ -107,6 +107,23 @@ def test_bad_trees_fail_naming_the_path(tmp_path):
         list_imagefolder(nofiles, "none", 0.0)
 
 
+def test_both_transforms_normalise_with_imagenets_statistics():
+    """ImageNet's channel mean and std (the official recipe's, as timm's defaults): what training and
+    evaluation apply, and what pretrain records in the weights file for exported models."""
+    from pipeline.classify.datasets import build_transforms, normalization
+    from pipeline.config import load_config
+    from conftest import ROOT
+
+    want = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert normalization() == want
+    cfg = load_config(ROOT / "params.yaml")
+    for training in (True, False):
+        norms = [t for t in build_transforms(cfg, training).transforms if type(t).__name__ == "Normalize"]
+        assert len(norms) == 1, (training, build_transforms(cfg, training))
+        for key in ("mean", "std"):
+            assert [float(v) for v in getattr(norms[0], key)] == pytest.approx(want[key]), (training, key)
+
+
 def test_paper_randaugment_survives_max_magnitude():
     """timm 1.0.31's posterize crashes on Pillow 13 at magnitude 10; we pin Pillow < 13."""
     import PIL

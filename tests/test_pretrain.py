@@ -38,6 +38,7 @@ def test_distilled_ema_training_on_two_gloo_workers(prepared_repo):
     assert "rank 0/2" in out.stderr
     weights = checkpoint.load_weights(repo.path / "artifacts/pretrain/model.pt", expect_variant="iformer_t")
     assert weights["distillation"] and weights["ema"]
+    assert (weights["mean"], weights["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "ImageNet's"
     assert any(k.startswith("head.head_dist") for k in weights["state_dict"])
     model = checkpoint.build_from_weights(weights)  # strict reload of what the stage wrote
     with torch.no_grad():

@@ -325,8 +325,10 @@ from pipeline.config import load_config
 from pipeline.dense import samples
 trainer_class(True)
 cfg = load_config("params.yaml")
+quiet = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"log_model": False})})
 new = {}
-for stage, warm in (("pretrain", lambda: warm_up(cfg)), ("detection", lambda: samples.warm_up("detection")),
+for stage, warm in (("pretrain, no model logged", lambda: warm_up(quiet)), ("pretrain", lambda: warm_up(cfg)),
+                    ("detection", lambda: samples.warm_up("detection")),
                     ("segmentation", lambda: samples.warm_up("segmentation"))):
     before = set(sys.modules)
     warm()
@@ -341,8 +343,8 @@ def test_a_warm_up_readies_its_stages_end_and_imports_nothing_ray_does_while_the
     pydantic.v1, the pydantic 1 API Ray Data's config uses, 10 of Ray, 2 of pyarrow). Two threads
     importing one module can meet a half-initialised one, so a warm-up must import none of those
     (MLflow's PyTorch flavour does import pydantic 2 modules, a package of their own), and it must
-    import what the stage uses after training (pretrain: the network, ImageNet's mean, MLflow's
-    model logging; the dense stages: their sample drawing)."""
+    import what the stage uses after training (pretrain: the network and MLflow's model logging, and
+    nothing when no model is logged; the dense stages: their sample drawing)."""
     import json
     import sys
 
@@ -350,6 +352,7 @@ def test_a_warm_up_readies_its_stages_end_and_imports_nothing_ray_does_while_the
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     new = {stage: set(mods) for stage, mods in json.loads(out.stdout.splitlines()[-1]).items()}
+    assert new["pretrain, no model logged"] == set(), "its end builds no network and logs no model"
     assert {"timm.data", "mlflow.pytorch", "iformer.models", "torch._dynamo"} <= new["pretrain"]
     assert {"mmdet.apis", "mmdet.visualization", "iformer.dense.registry"} <= new["detection"]
     assert {"mmseg.apis", "mmseg.visualization"} <= new["segmentation"]  # the registry came with detection's

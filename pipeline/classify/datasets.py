@@ -125,6 +125,14 @@ class ImageListDataset:
         return img, label
 
 
+def normalization() -> dict:
+    """ImageNet's channel mean and std (timm's defaults, as the official iFormer trains): what the
+    transforms normalise with, and what the weights file records for an exported model to apply."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+
+
 def build_transforms(cfg, training: bool):
     """timm's transform pipeline for the configured recipe (train or eval)."""
     from timm.data import create_transform
@@ -143,7 +151,8 @@ def build_transforms(cfg, training: bool):
             re_prob=a.re_prob,
             re_mode="pixel",
             re_count=1,
+            **normalization(),
         )
     return create_transform(
-        cfg.data.image_size, is_training=False, interpolation=a.interpolation, crop_pct=a.crop_pct
+        cfg.data.image_size, is_training=False, interpolation=a.interpolation, crop_pct=a.crop_pct, **normalization()
     )

@@ -29,7 +29,7 @@ from ..core.outputs import Outputs
 from ..errors import PipelineError
 from ..tracking import registry, runs
 from ..tracking.runs import StageRun
-from .datasets import Prepared
+from .datasets import Prepared, normalization
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +144,15 @@ def fit(cfg: Config, root: Path, inputs: Inputs, srun: StageRun | None):
 
 
 def warm_up(cfg: Config) -> None:
-    """What `run` needs once training ends, readied while the driver waits on Ray (`trainer.fit`):
-    timm (for the network and ImageNet's mean), MLflow's PyTorch flavour, its check of the model's
+    """What `run` needs once training ends to log the model, readied while the driver waits on Ray
+    (`trainer.fit`): the network (timm), MLflow's PyTorch flavour, its check of the model's
     requirements against what is installed (it maps every installed package to its modules once per
     process), and torch.export's one-time set-up: ~3 s of one core that the stage's end no longer
-    spends, done while the workers' start leaves a core idle."""
-    import timm.data  # noqa: F401
-
+    spends, done while the workers' start leaves a core idle. Without `mlflow.log_model` the end
+    needs none of it (the workers report the mean and std their transforms used)."""
     if cfg.mlflow.log_model:
         import mlflow.pytorch  # noqa: F401
+        import timm  # noqa: F401 (the network `run` builds to log)
         from mlflow.models import infer_signature  # noqa: F401
         from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
@@ -167,7 +167,7 @@ def warm_up(cfg: Config) -> None:
 def passed_through(inputs: Inputs) -> dict:
     """The final state of a stage that trains nothing: the released weights as they are."""
     return {"model": inputs.release.state, "ema": None, "epoch": 0, "history": [],
-            "num_classes": inputs.prepared.num_classes}
+            "num_classes": inputs.prepared.num_classes, **normalization()}
 
 
 #: The columns of an empty history (weights passed through): the plots' axes still exist.
@@ -192,8 +192,6 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     state = fit(cfg, root, inputs, srun) if trains else passed_through(inputs)
     outputs = Outputs.begin("pretrain", root)
     out = outputs.dir
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     use_ema = cfg.train.ema_decay is not None and state.get("ema") is not None
     weights = state["ema"] if use_ema else state["model"]
     distillation = cfg.distill.enabled if trains else release.distillation
@@ -201,7 +199,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     digest = checkpoint.save_weights(
         out / "model.pt", weights, variant=cfg.model.variant, num_classes=state["num_classes"],
         distillation=distillation, classes=inputs.prepared.classes, image_size=cfg.data.image_size,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, layer_scale=cfg.layer_scale,
+        mean=state["mean"], std=state["std"], layer_scale=cfg.layer_scale,
         extra={"ema": use_ema, "epochs": state["epoch"], "source": origin},
     )
     history = state["history"]

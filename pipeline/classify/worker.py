@@ -29,7 +29,7 @@ from ..config import Config
 from ..core import console
 from ..core.checkpoint import STATE_FILE, check_compatible, load_release_into, load_resume_state, load_training_state
 from ..tracking.metrics import MetricLogger
-from .datasets import ImageListDataset, Prepared, build_transforms
+from .datasets import ImageListDataset, Prepared, build_transforms, normalization
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -232,7 +232,7 @@ def state_dict(c: Components, cfg: Config, num_classes: int, epoch: int, step: i
         "epoch": epoch, "global_step": step, "history": history,
         "model": c.bare.state_dict(), "optimizer": c.optimizer.state_dict(),
         "scheduler": c.scheduler.state_dict(), "scaler": c.scaler.state_dict(),
-        "ema": c.ema.module.state_dict() if c.ema is not None else None,
+        "ema": c.ema.module.state_dict() if c.ema is not None else None, **normalization(),
     }
 
 
