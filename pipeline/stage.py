@@ -1,7 +1,7 @@
 """What every stage entry point shares: arguments, config, errors, tracking.
 
-A stage is two functions from `pipeline/` (`Work`, which `stages/NAME.py`
-imports only when the params have loaded): `check(cfg, root)` validates every
+A stage is two functions from `pipeline/` (its `Work`, which `stages/NAME.py`
+imports once the params have loaded): `check(cfg, root)` validates every
 input it will read and returns them (no MLflow run, no Ray yet), and
 `run(cfg, root, inputs, stage_run)` does the work inside the stage's MLflow child
 run. A stage that resumes interrupted work (a Ray run's checkpoints) also
