@@ -87,9 +87,7 @@ class Run(NamedTuple):
     stderr: str
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Run]:
-    base = tmp_path_factory.mktemp("mmengine")
+def _runs(base: Path) -> dict[str, Run]:
     spec = [{"work_dir": str(base / name), "mode": mode, "iters": iters,
              "resume_from": str(base / since / "iter_4.pth") if since else None}
             for name, (mode, iters, since) in PLAN.items()]
@@ -107,37 +105,33 @@ def _globals(path) -> set:
     return {str(arg) for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
 
 
-def test_resume_loads_under_weights_only_and_allows_no_getattr(runs):
+def test_resume_loads_under_weights_only_and_the_original_pickles_stay_refused(tmp_path):
+    """One test, so that one worker makes the four runs (`PLAN`) once."""
+    from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints, needed_globals
+
+    runs = _runs(tmp_path)
+    # Ours: no `getattr` in the pickle, exactly the allowed globals, and a resume with the history.
     first = runs["first"]
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = first.work / "iter_4.pth"
     found = _globals(ckpt)
     assert "mmengine.logging.history_buffer HistoryBuffer" in found and "collections Counter" in found
     assert not any("getattr" in g for g in found), found
-
-    from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints, needed_globals
-
     allow_mmengine_checkpoints()
     state = torch.load(ckpt, map_location="cpu")  # torch's default: weights_only=True
     assert state["meta"]["iter"] == 4 and "message_hub" in state
     allowed = {f"{g.__module__} {g.__qualname__}" for g in needed_globals()}
     torch_defaults = ("torch ", "torch._utils ", "collections OrderedDict", "_codecs encode")
     assert {g for g in found if not g.startswith(torch_defaults)} <= allowed, "exactly the needed globals"
-
     resumed = runs["second"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "finished at iter 6 with 6 losses" in resumed.stdout, "resumed with the message hub's history"
 
-
-def test_checkpoints_pickled_the_original_way_stay_refused(runs):
+    # mmengine's own pickling (`getattr` of HistoryBuffer's methods) stays refused, here and in a resume.
     plain = runs["plain"]
     assert plain.returncode == 0, plain.stderr[-3000:]
     ckpt = plain.work / "iter_4.pth"
     assert any("getattr" in g for g in _globals(ckpt))
-
-    from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints
-
-    allow_mmengine_checkpoints()
     with pytest.raises(pickle.UnpicklingError, match="getattr"):
         torch.load(ckpt, map_location="cpu")
     resumed = runs["again"]
