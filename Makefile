@@ -17,16 +17,17 @@ pipeline: setup
 	dvc repro
 	@python -m pipeline.exps --summary
 
-# Both tiers run on two pytest workers (tests/conftest.py makes torch's waiting threads sleep there).
-# The fast tier's workers each take the next test when free (worksteal: neither idles behind the
-# other's long tail); the slow tier's take whole files (their module fixtures built once), the files
-# on the shared 2-node cluster as one unit, the longest units first. Both tiers always run.
+# Both tiers run on two pytest workers (tests/conftest.py makes torch's waiting threads sleep there),
+# each worker taking whole test files as it frees up (their module fixtures built once), the files
+# on a shared session fixture (the 2-node cluster) as one unit, the longest units first: the last to
+# finish are short ones. Both tiers always run.
+TIER := -n 2 --dist loadfile --no-loadscope-reorder tests
 test: setup
-	@rc=0; python -m pytest -q -m "not slow" -n 2 --dist worksteal tests --durations=10 || rc=1; \
-	python -m pytest -q -m slow -n 2 --dist loadfile --no-loadscope-reorder tests --durations=25 || rc=1; exit $$rc
+	@rc=0; python -m pytest -q -m "not slow" $(TIER) --durations=10 || rc=1; \
+	python -m pytest -q -m slow $(TIER) --durations=25 || rc=1; exit $$rc
 
 test-fast: setup
-	python -m pytest -q -m "not slow" -n 2 --dist worksteal tests --durations=10
+	python -m pytest -q -m "not slow" $(TIER) --durations=10
 
 bench: setup
 	python -m benchmarks.run

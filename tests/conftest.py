@@ -41,9 +41,8 @@ UNIT_SECONDS = {"cluster": 1321, "test_pipeline_e2e": 999, "test_runtime": 382, 
                 "test_recipes": 11, "test_dvc_deps": 9}
 
 #: The fast tier's heaviest files, with the worker-seconds their tests took (`--durations=0`, two
-#: workers, 2-core AMD EPYC, 2026-12-07); the rest took under 6 s each. `--dist worksteal` hands
-#: each worker a contiguous half of the tests, and an idle worker takes the second half of the other's
-#: queue, never its last two: with the heavy files first, what is left to the end is short.
+#: workers, 2-core AMD EPYC, 2026-12-07); the rest took under 6 s each. Handed out first, as the
+#: slow tier's units are, so that what is left to the end is short.
 FAST_SECONDS = {"test_stage_errors": 28, "test_dense_mmengine": 14, "test_dense_backbone": 23, "test_export": 18,
                 "test_field": 16, "test_units_compute": 15, "test_dense_data": 14, "test_dense_config": 14,
                 "test_compare": 11, "test_run_model": 10, "test_recipes": 9, "test_tracking": 7}
