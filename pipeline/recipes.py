@@ -27,6 +27,7 @@ from .config import Config, dump_config
 from .config.apply import build, parse_sets, rewrite
 from .config.presets import PRESETS
 from .config.recipes import RECIPES, merge
+from .core.layout import weights_path
 from .errors import PipelineError, report
 
 
@@ -113,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.name not in PRESETS and cfg.data.source == "imagefolder":
             check_prepare(cfg, path.parent)
         if args.name not in PRESETS and cfg.model.weights is not None:
-            from .core.checkpoint import weights_path  # imports torch: only for a recipe with weights
-
             weights_path(cfg.model.weights, path.parent.absolute())
     except PipelineError as err:
         return report(err)

@@ -44,11 +44,11 @@ def main(stage: str, load: Callable[[], Work], argv: list[str] | None = None) ->
     """Run `stage`; `load` imports its modules and returns its `Work`. It is called once the params
     and the tracking store are known good, so a bad value is refused before torch, timm or mmdet
     are imported (0.3 s rather than 2-4 s)."""
-    loaded: list[Work] = []
+    work: Work | None = None
 
     def body(cfg: Config, root: Path) -> None:
-        loaded.append(load())
-        work = loaded[0]
+        nonlocal work
+        work = load()
         inputs = work.check(cfg, root)
         earlier = work.reopen(cfg, root, inputs) if work.reopen else None
         try:
@@ -58,11 +58,11 @@ def main(stage: str, load: Callable[[], Work], argv: list[str] | None = None) ->
             outputs.discard_uncommitted()
 
     def hint() -> str:
-        if not loaded:  # stopped before the stage's own code started
+        if work is None:  # stopped before the stage's own code started
             return "nothing was recorded as finished"
         # Only a stage that names its interrupted run (`reopen`) has checkpoints to resume from.
         return "nothing was recorded as finished, and a rerun " + (
-            "picks up from the last checkpoint" if loaded[0].reopen else f"does {stage} again from the start")
+            "picks up from the last checkpoint" if work.reopen else f"does {stage} again from the start")
 
     return entry(f"python -m stages.{stage}", stage, body, argv, interrupted_hint=hint,
                  after_failure=lambda root: outputs.after_failure(stage, root),

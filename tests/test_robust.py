@@ -12,7 +12,7 @@ import torch
 
 from iformer.models import build_model
 from pipeline.config import Config
-from pipeline.core import checkpoint, integrity
+from pipeline.core import checkpoint, integrity, layout
 from pipeline.core.outputs import Outputs
 from pipeline.errors import PipelineError
 
@@ -130,13 +130,13 @@ def test_checkpoint_paths_cannot_climb_out_of_their_folder(pretrained, tmp_path)
     outside.mkdir()
     shutil.copy(root / "artifacts/pretrain/model.pt", outside / "model.pt")
     (root / "weights/linked.pt").symlink_to(outside / "model.pt")  # a link in weights/: allowed, as documented
-    assert checkpoint.weights_path("weights/linked.pt", root) == root / "weights/linked.pt"
+    assert layout.weights_path("weights/linked.pt", root) == root / "weights/linked.pt"
     (root / "weights/shelf").symlink_to(outside)
     for escape in ("weights/../elsewhere/model.pt", "weights/shelf/../elsewhere/model.pt"):  # both exist
         with pytest.raises(PipelineError, match=r"model.weights: .* is outside .*weights"):
-            checkpoint.weights_path(escape, root)
+            layout.weights_path(escape, root)
     with pytest.raises(PipelineError, match="model.weights: .*weights/shelf is a directory"):
-        checkpoint.weights_path("weights/shelf", root)
+        layout.weights_path("weights/shelf", root)
     cfg = Config.model_validate({"detection": {"backbone": {"checkpoint": "weights/../elsewhere/model.pt"}}})
     with pytest.raises(PipelineError, match="detection.backbone.checkpoint: .* is outside"):
         initial_weights(cfg, root, "detection")

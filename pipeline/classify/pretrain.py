@@ -72,7 +72,7 @@ def run_name(cfg: Config, prepared: Prepared, release: checkpoint.Release | None
 
 
 def released_weights(cfg: Config, root: Path, prepared: Prepared) -> checkpoint.Release:
-    path = checkpoint.weights_path(cfg.model.weights, root)
+    path = layout.weights_path(cfg.model.weights, root)
     return checkpoint.check_release(path, str(cfg.model.weights), variant=cfg.model.variant, layer_scale=cfg.layer_scale,
                                     num_classes=prepared.num_classes, classes=prepared.classes,
                                     pass_through=cfg.train.epochs == 0)
@@ -94,7 +94,7 @@ def check(cfg: Config, root: Path) -> Inputs:
 
         path = Path(cfg.distill.teacher_checkpoint)
         path = path if path.is_absolute() else root / path
-        checkpoint.check_inside(path, (root / "teachers",), "distill.teacher_checkpoint",
+        layout.check_inside(path, (root / "teachers",), "distill.teacher_checkpoint",
                                 "copy or link it into teachers/")
         if path.is_dir():
             raise PipelineError(f"distill.teacher_checkpoint: {path} is a directory; name the teacher's file in it")

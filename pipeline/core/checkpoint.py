@@ -184,31 +184,6 @@ class Release:
         return {"path": self.shown, "sha256": self.sha256, "format": self.format, "mode": mode}
 
 
-#: Where the official releases are published (the pipeline never downloads weights).
-RELEASES_URL = "https://github.com/ChuanyangZheng/iFormer/releases/tag/v0.9"
-
-
-def weights_path(value, root: Path, what: str = "model.weights") -> Path:
-    """`model.weights` as a file, which must lie under `weights/` (a DVC dependency of pretrain)."""
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else root / path
-    check_inside(path, (root / "weights",), what, "copy or link it into weights/")
-    if path.is_dir():
-        raise PipelineError(f"{what}: {path} is a directory; name the weights file in it")
-    if not path.is_file():
-        raise PipelineError(f"{what}: {path} does not exist; put the file (or a link to it) in weights/ "
-                            f"(official releases: {RELEASES_URL})")
-    return path
-
-
-def check_inside(path: Path, folders, what: str, hint: str) -> None:
-    """`path` must lie in one of `folders` (the DVC dependencies that see it change), `..` resolved
-    (`layout.inside`: a link placed in the folder may point anywhere)."""
-    if not any(layout.inside(path, d) for d in folders):
-        shown = " and ".join(str(d) for d in folders)
-        raise PipelineError(f"{what}: {path} is outside {shown}, so DVC would not see it change; {hint}")
-
-
 def describe_source(source: dict | None) -> str:
     """Where weights came from, in a phrase: `weights/iFormer_m.pth (official iFormer release, sha256 1a2b3c4d, passed through)`."""
     if not source:

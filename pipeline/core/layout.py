@@ -4,7 +4,8 @@
 `artifacts/<stage>/` and writes `artifacts/<stage>/manifest.json` last, so a
 manifest on disk means the stage finished; it carries the MLflow run id that
 produced the outputs, which is how a stage DVC restores from cache is linked
-into a later pipeline run.
+into a later pipeline run. A file a param names must lie in a folder DVC tracks
+(`check_inside`; released weights: `weights_path`), so that DVC sees it change.
 """
 from __future__ import annotations
 
@@ -77,3 +78,28 @@ def inside(path: Path, folder: Path) -> bool:
     if not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(Path(folder).absolute())):
         return False
     return ".." not in path.parts or path.resolve().is_relative_to(Path(folder).resolve())
+
+
+#: Where the official releases are published (the pipeline never downloads weights).
+RELEASES_URL = "https://github.com/ChuanyangZheng/iFormer/releases/tag/v0.9"
+
+
+def weights_path(value, root: Path, what: str = "model.weights") -> Path:
+    """`model.weights` as a file, which must lie under `weights/` (a DVC dependency of pretrain)."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else root / path
+    check_inside(path, (root / "weights",), what, "copy or link it into weights/")
+    if path.is_dir():
+        raise PipelineError(f"{what}: {path} is a directory; name the weights file in it")
+    if not path.is_file():
+        raise PipelineError(f"{what}: {path} does not exist; put the file (or a link to it) in weights/ "
+                            f"(official releases: {RELEASES_URL})")
+    return path
+
+
+def check_inside(path: Path, folders, what: str, hint: str) -> None:
+    """`path` must lie in one of `folders` (the DVC dependencies that see it change), `..` resolved
+    (`inside`: a link placed in the folder may point anywhere)."""
+    if not any(inside(path, d) for d in folders):
+        shown = " and ".join(str(d) for d in folders)
+        raise PipelineError(f"{what}: {path} is outside {shown}, so DVC would not see it change; {hint}")

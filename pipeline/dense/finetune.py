@@ -60,7 +60,7 @@ def initial_weights(cfg: Config, root: Path, task: str) -> tuple[Path, float]:
     path = Path(getattr(cfg, task).backbone.checkpoint).expanduser()
     path = path if path.is_absolute() else root / path
     tracked = (layout.stage_dir("pretrain", root), root / "weights")  # what dvc.yaml lists as dependencies
-    checkpoint.check_inside(path, tracked, field, "copy or link it into weights/")
+    layout.check_inside(path, tracked, field, "copy or link it into weights/")
     pretrained = path == layout.stage_dir("pretrain", root) / "model.pt"
     if path.is_dir():
         raise PipelineError(f"{field}: {path} is a directory; name the weights file in it")
