@@ -1,17 +1,46 @@
-"""P8: a Mask R-CNN training step with the separable RoIAlign gradient against torchvision's own.
+"""The dense stages' training: P8 (one Mask R-CNN step, two RoIAlign gradients) and P9 (a
+dense stage's training on Ray Train against the same mmengine Runner in a plain process).
 
-One network, built from params.yaml's `detection` section, trains on digit scenes of
+P8: one network, built from params.yaml's `detection` section, trains on digit scenes of
 the default size. Its RoI extractors' layers are swapped between
 `pipeline.dense.roi_align.RoIAlign` and mmcv's `RoIAlign` running torchvision's kernel,
 which is how the stage ran before. The two take turns in blocks of steps, so they see the
 same machine state. The script prints the median step time of each and their ratio.
+
+P9: each dense stage's own training (`finetune.fit`: the stage's Ray Train job, its worker,
+hooks and checkpoints; no MLflow run) and the Runner that job builds, trained in one process
+with the same threads and subnormal mode and no Ray. Same repo, data, initial weights and
+seed; the two alternate. Goal: the stage's throughput >= 0.97 x the Runner's, as P1's for the
+pretrain stage against a bare loop. The Runner's cores busy (CPU time over wall time) shows
+that its threads work.
+
+What is known of the gap (2026-12-07, 2-core AMD EPYC, finetune_ade20k): every step is slower
+(median 0.224 s against 0.188 s), not a few of them; the worker gets as much CPU (1.87 cores
+against 1.92); but its two training threads are preempted about 250 times a second each (the
+Runner's: under 35), and the machine switches context about 2,200 times a second (with the
+Runner: 100). Ray's threads wake every 10 ms: each core worker's signal check (the Train
+worker's, the controller's and the synchronization actor's main threads) and gloo's loop in
+the worker. Not the cause: the controller's poll interval, the checkpoints (0.2 s each), a
+world-size-1 gloo process group, a training thread that is not the main one. SCHED_BATCH or
+SCHED_IDLE for those threads took back about 2.5 s of the 6 s gap in four alternating runs.
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+#: P9's short schedules (the default data, network and batch): a few minutes a repetition in all.
+P9_PARAMS = {
+    "mlflow": {"log_model": False},
+    "detection": {"train": {"epochs": 2, "milestones": [1]}, "samples": 0},
+    "segmentation": {"train": {"iters": 120, "checkpoint_interval": 60}, "samples": 0},
+}
+P9_STAGES = ("finetune_coco", "finetune_ade20k")
 
 
 def _swap(model, make) -> None:
@@ -66,3 +95,77 @@ def p8(reps: int, steps: int = 10) -> None:
     for name, m in med.items():
         print(f"{head} {name} RoIAlign gradient: median {1000 * m:.0f} ms over {len(times[name])} steps")
     print(f"{head} separable / torchvision: {med['separable'] / med['torchvision']:.3f}")
+
+
+def one_training(kind: str, repo: Path, stage: str, tag: str) -> None:
+    """Child process of P9: `kind` "stage" (the stage's Ray Train job) or "runner" (its Runner, in
+    this process); prints `TRAIN <json>`."""
+    from pipeline.config import load_config
+    from pipeline.dense import finetune
+
+    os.environ["IFORMER_ROOT"] = str(repo)
+    cfg = load_config(repo / "params.yaml")
+    inputs = finetune.check_stage(stage)(cfg, repo)
+    if kind == "stage":
+        cfg.ray.storage_path = repo / "bench_ray"
+        inputs.run_name = f"bench-{tag}-{time.time_ns()}"
+        seconds, busy = finetune.fit(cfg, repo, inputs, None).metrics["train_seconds"], None
+    else:
+        seconds, busy = _runner(cfg, inputs)
+    print("TRAIN " + json.dumps({"seconds": seconds, "busy": busy}))
+
+
+def _runner(cfg, inputs) -> tuple[float, float]:
+    """`train_loop_per_worker`'s Runner, built and trained here: (wall seconds, cores busy)."""
+    from mmengine.config import Config as MMConfig
+
+    from pipeline.compute.trainer import seed_everything, set_cpu_math
+    from pipeline.core import console
+    from pipeline.dense import configs
+    from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints
+    from pipeline.dense.worker import ChannelsLastRunner, build_config
+
+    section = getattr(cfg, inputs.task)
+    set_cpu_math(section.ray.cpus_per_worker, section.train.flush_denormal)
+    seed_everything(section.train.seed, deterministic=True)
+    configs.register()
+    allow_mmengine_checkpoints()
+    with tempfile.TemporaryDirectory() as work, console.to_log(Path(work) / "mmengine.log"):
+        mm = build_config(cfg, inputs.task, inputs.data, work, inputs.init, 1, False, inputs.layer_scale)
+        runner = ChannelsLastRunner.from_cfg(MMConfig(mm))
+        wall, cpu = time.perf_counter(), time.process_time()
+        runner.train()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return wall, cpu / wall
+
+
+def p9(reps: int) -> None:
+    import copy
+
+    from conftest import ROOT, make_repo, write_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repo(Path(tmp) / "repo", copy.deepcopy(P9_PARAMS))
+        repo.stage("prepare")
+        write_weights(repo)
+        repo.stage("prepare_dense")
+        for stage in P9_STAGES:
+            got: dict[str, list[dict]] = {"stage": [], "runner": []}
+            for r in range(reps):
+                for kind in (list(got) if r % 2 == 0 else list(got)[::-1]):
+                    out = repo.run(sys.executable, "-m", "benchmarks.run", "_dense", kind, str(repo.path), stage,
+                                   f"{stage}-{r}", timeout=3600, env={"PYTHONPATH": str(ROOT)})
+                    got[kind].append(json.loads(next(ln[6:] for ln in out.stdout.splitlines()
+                                                     if ln.startswith("TRAIN "))))
+            print(*summary(stage, got), sep="\n")
+
+
+def summary(stage: str, got: dict[str, list[dict]]) -> list[str]:
+    """P9's lines from each kind's runs (`{"seconds", "busy"}`): median training seconds, the plain
+    Runner's cores busy, and the stage's throughput as a share of the plain Runner's."""
+    med = {k: statistics.median(x["seconds"] for x in v) for k, v in got.items()}
+    busy = statistics.median(x["busy"] for x in got["runner"])
+    head = f"P9 [{stage}, {len(got['stage'])} reps]"
+    return [f"{head} training: stage (Ray Train) {med['stage']:.1f} s, plain Runner {med['runner']:.1f} s "
+            f"({busy:.2f} cores busy)",
+            f"{head} stage / plain Runner throughput: {med['runner'] / med['stage']:.3f} (goal >= 0.97)"]

@@ -37,6 +37,10 @@ P7  `train.compile` in the pretrain stage: compile time (a cold Inductor cache e
 P8  a Mask R-CNN training step (params.yaml's detection network, digit scenes) with the
     separable RoIAlign gradient (`pipeline/dense/roi_align.py`) / with torchvision's serial
     CPU kernel, in alternating blocks of steps; median step times.
+P9  each dense stage's training on Ray Train (its worker, hooks and checkpoints) / the
+    Runner that stage builds, trained in one plain process with the same threads, on the
+    same data, weights and seed, alternating; and that Runner's cores busy. Goal: the
+    stage's throughput >= 0.97 x the Runner's (a stage uses its cores as a plain process does).
 """
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ BENCHMARKS = {
     "p6": lambda a: cluster.p6(a.reps, a.epochs),
     "p7": lambda a: training.p7(a.reps, a.epochs),
     "p8": lambda a: dense.p8(a.reps),
+    "p9": lambda a: dense.p9(a.reps),
 }
 ALIASES = {"p5": "p4"}
 
@@ -66,6 +71,10 @@ def main() -> None:
     if sys.argv[1:2] == ["_one"]:  # a child process of P1 / P7
         kind, threads, repo, tag, compile_ = sys.argv[2:7]
         training.one_measurement(kind, int(threads), Path(repo), tag, compile_ == "1")
+        return
+    if sys.argv[1:2] == ["_dense"]:  # a child process of P9
+        kind, repo, stage, tag = sys.argv[2:6]
+        dense.one_training(kind, Path(repo), stage, tag)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", nargs="*", default=list(BENCHMARKS), choices=[*BENCHMARKS, *ALIASES], metavar="PN")

@@ -1,5 +1,5 @@
 """The benchmarks' own parsing and data plumbing (their figures come from `make bench`, not tests)."""
-from benchmarks import cluster, timeline, training
+from benchmarks import cluster, dense, timeline, training
 from pipeline.classify.datasets import Prepared
 
 
@@ -90,3 +90,29 @@ def test_the_timeline_marks_lines_and_processes_of_a_real_command(tmp_path):
     assert code == 0 and "rank 0/1" in out
     assert 0.4 < marks["worker"] < marks["ready"] < marks["end"], marks
     assert marks["ready"] - marks["worker"] > 0.5 and "controller" not in marks
+
+
+def test_p9s_short_schedules_are_valid_params_of_the_length_they_claim():
+    import copy
+
+    import yaml
+    from conftest import ROOT, deep_update
+
+    from pipeline.config import parse_config
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = parse_config(deep_update(params, copy.deepcopy(dense.P9_PARAMS)), "params.yaml + P9")
+    # 256 scenes at batch 4 are 64 iterations an epoch: 128 in two; the lr drops after the first.
+    assert (cfg.detection.data.train_scenes // cfg.detection.train.batch_size) * cfg.detection.train.epochs == 128
+    assert cfg.detection.train.milestones == [1] and cfg.segmentation.train.iters == 120
+    assert cfg.detection.samples == cfg.segmentation.samples == 0 and not cfg.mlflow.log_model
+
+
+def test_p9_compares_median_times_as_throughput():
+    got = {"stage": [{"seconds": 44.0, "busy": None}, {"seconds": 40.0, "busy": None}, {"seconds": 50.0, "busy": None}],
+           "runner": [{"seconds": 36.0, "busy": 1.9}, {"seconds": 40.0, "busy": 1.95}, {"seconds": 35.0, "busy": 1.8}]}
+    training_line, ratio_line = dense.summary("finetune_coco", got)
+    # medians 44 s and 36 s: the stage runs at 36 / 44 = 0.818 of the Runner's rate
+    assert training_line == ("P9 [finetune_coco, 3 reps] training: stage (Ray Train) 44.0 s, plain Runner 36.0 s "
+                             "(1.90 cores busy)")
+    assert ratio_line == "P9 [finetune_coco, 3 reps] stage / plain Runner throughput: 0.818 (goal >= 0.97)"
