@@ -119,17 +119,10 @@ def _runner(cfg, inputs) -> tuple[float, float]:
     """`train_loop_per_worker`'s Runner, built and trained here: (wall seconds, cores busy)."""
     from mmengine.config import Config as MMConfig
 
-    from pipeline.compute.trainer import seed_everything, set_cpu_math
     from pipeline.core import console
-    from pipeline.dense import configs
-    from pipeline.dense.mmengine_checkpoints import allow_mmengine_checkpoints
-    from pipeline.dense.worker import ChannelsLastRunner, build_config
+    from pipeline.dense.worker import ChannelsLastRunner, build_config, set_up_process
 
-    section = getattr(cfg, inputs.task)
-    set_cpu_math(section.ray.cpus_per_worker, section.train.flush_denormal)
-    seed_everything(section.train.seed, deterministic=True)
-    configs.register()
-    allow_mmengine_checkpoints()
+    set_up_process(getattr(cfg, inputs.task))
     with tempfile.TemporaryDirectory() as work, console.to_log(Path(work) / "mmengine.log"):
         mm = build_config(cfg, inputs.task, inputs.data, work, inputs.init, 1, False, inputs.layer_scale)
         runner = ChannelsLastRunner.from_cfg(MMConfig(mm))

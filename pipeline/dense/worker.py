@@ -69,6 +69,20 @@ def build_config(cfg: Config, task: str, data: dict, work_dir: str, init: str | 
     return mm
 
 
+def set_up_process(section) -> tuple[int, bool]:
+    """What this process needs before a task's Runner is built (`section`: `cfg.detection` or
+    `cfg.segmentation`): its CPU math, kernels, registries and checkpoint allow-list. Returns the
+    torch threads and whether every one flushes subnormals (`set_cpu_math`)."""
+    # First: torch's thread pool takes the subnormal mode of the thread that makes it.
+    threads, flushed = set_cpu_math(section.ray.cpus_per_worker, section.train.flush_denormal)
+    # mmengine seeds random, numpy and torch from `randomness` when the Runner starts; the kernels
+    # are ours to choose (its own `deterministic` would make ops without a deterministic CUDA kernel fail).
+    seed_everything(section.train.seed, deterministic=True)
+    configs.register()
+    allow_mmengine_checkpoints()
+    return threads, flushed
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from mmengine.config import Config as MMConfig
@@ -79,13 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
     section = getattr(cfg, task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # First: torch's thread pool takes the subnormal mode of the thread that makes it.
-    threads, flushed = set_cpu_math(section.ray.cpus_per_worker, section.train.flush_denormal)
-    # mmengine seeds random, numpy and torch from `randomness` when the Runner starts; the kernels
-    # are ours to choose (its own `deterministic` would make ops without a deterministic CUDA kernel fail).
-    seed_everything(section.train.seed, deterministic=True)
-    configs.register()
-    allow_mmengine_checkpoints()
+    threads, flushed = set_up_process(section)
 
     # mmengine's work dir: its logs, config dump and resume copy; gone however the run ends.
     with tempfile.TemporaryDirectory(prefix=f"mm-{task}-{rank}-", ignore_cleanup_errors=True) as work_dir:
