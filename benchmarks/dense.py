@@ -14,15 +14,25 @@ seed; the two alternate. Goal: the stage's throughput >= 0.97 x the Runner's, as
 pretrain stage against a bare loop. The Runner's cores busy (CPU time over wall time) shows
 that its threads work.
 
-What is known of the gap (2026-12-07, 2-core AMD EPYC, finetune_ade20k): every step is slower
-(median 0.224 s against 0.188 s), not a few of them; the worker gets as much CPU (1.87 cores
-against 1.92); but its two training threads are preempted about 250 times a second each (the
-Runner's: under 35), and the machine switches context about 2,200 times a second (with the
-Runner: 100). Ray's threads wake every 10 ms: each core worker's signal check (the Train
-worker's, the controller's and the synchronization actor's main threads) and gloo's loop in
-the worker. Not the cause: the controller's poll interval, the checkpoints (0.2 s each), a
-world-size-1 gloo process group, a training thread that is not the main one. SCHED_BATCH or
-SCHED_IDLE for those threads took back about 2.5 s of the 6 s gap in four alternating runs.
+What is known of the gap (2-core AMD EPYC, finetune_ade20k's P9 schedule, 2026-12-07):
+- Every step is slower (median 0.224 s against 0.188 s), not a few of them. The worker gets a
+  little less CPU (1.86 cores against 1.92: the daemons take the rest) and does less with it:
+  its two training threads are preempted about 250 times a second each (the Runner's: under
+  35). Ray's threads wake every 10 ms: each core worker's signal check (hard-coded in Ray) and
+  gloo's loop in the worker.
+- It is Ray's, not the stage's: Ray Train running the same Runner and none of our worker code
+  (a bare TorchTrainer, one worker of 2 CPUs) took 31.3-31.7 s against 27.3-28.0 s plain
+  (0.87-0.88); without a torch process group, the same. Bisected, in single runs: the plain
+  process beside an idle local Ray, 0.96 (1.86 cores busy); the Runner in a thread of a plain
+  Ray actor, 0.91; in a Ray task's main thread, 0.94.
+- Not the cause: the controller's poll interval, the checkpoints (0.2 s each), a world-size-1
+  gloo group, a training thread that is not the main one, Python's garbage collector (no full
+  collection during the steps, in either), and the worker's own other threads (niceness 10 or
+  SCHED_BATCH for them from inside the training function: medians 32.9 and 33.5 s against
+  31.7 s).
+- Taken back: the daemons' threads run under SCHED_BATCH (`compute.renice`), so a waking
+  daemon waits for a training thread's slice instead of preempting it. Three alternating runs:
+  31.8 s at niceness 10 alone, 30.8 s with SCHED_BATCH, 31.2 s with SCHED_IDLE; plain 29.4 s.
 """
 from __future__ import annotations
 
