@@ -61,13 +61,13 @@ class Renicer:
             return
         for thread in proc.threads():
             try:
+                if os.getpriority(os.PRIO_PROCESS, thread.id) < self.niceness:
+                    os.setpriority(os.PRIO_PROCESS, thread.id, self.niceness)
                 # SCHED_OTHER only: a thread already under SCHED_IDLE stays below it. The niceness is kept.
                 if os.sched_getscheduler(thread.id) == os.SCHED_OTHER:
                     os.sched_setscheduler(thread.id, os.SCHED_BATCH, os.sched_param(0))
-                if os.getpriority(os.PRIO_PROCESS, thread.id) < self.niceness:
-                    os.setpriority(os.PRIO_PROCESS, thread.id, self.niceness)
             except OSError:
-                continue  # ended since the listing
+                continue  # ended since the listing, or a policy this host's limits refuse
 
     @staticmethod
     def is_daemon(cmdline: list[str], name: str) -> bool:
