@@ -30,9 +30,12 @@ What is known of the gap (2-core AMD EPYC, finetune_ade20k's P9 schedule, 2026-1
   collection during the steps, in either), and the worker's own other threads (niceness 10 or
   SCHED_BATCH for them from inside the training function: medians 32.9 and 33.5 s against
   31.7 s).
-- Taken back: the daemons' threads run under SCHED_BATCH (`compute.renice`), so a waking
-  daemon waits for a training thread's slice instead of preempting it. Three alternating runs:
-  31.8 s at niceness 10 alone, 30.8 s with SCHED_BATCH, 31.2 s with SCHED_IDLE; plain 29.4 s.
+- Tried and not kept: SCHED_BATCH for the daemons' threads (`compute.renice`), so a waking
+  daemon would wait for a training thread's slice instead of preempting it. In P9, three
+  alternating runs: 31.8 s at niceness 10 alone, 30.8 s with SCHED_BATCH, 31.2 s with
+  SCHED_IDLE, plain 29.4 s; P9 then read 0.966 (coco) and 0.878 (ADE20K). But the whole
+  finetune_ade20k stage (400 iterations), alternating: 113.3 and 113.2 s of training with it,
+  106.7 and 110.1 s without. A gain this small does not survive this machine's noise.
 """
 from __future__ import annotations
 

@@ -10,15 +10,11 @@ class Renicer:
     """Lowers the CPU priority of the local Ray's daemons while training runs.
 
     gcs, dashboard, agents, monitors and the Train controller wake up every
-    second or so (their core workers every 10 ms); at equal priority each wake-up
-    stalls the training threads, which on a 2-core machine hold both cores.
-    A niceness shrinks a daemon's share of the CPU; on Linux each daemon thread
-    also runs under SCHED_BATCH, which keeps that share but lets a waking daemon
-    wait for the running thread's slice instead of preempting it at once: a
-    preempted OpenMP thread holds up its partner at the op's next barrier.
-    Training workers, idle workers (which become training workers) and the
-    raylet (whose priority the workers it forks would inherit) keep theirs.
-    Re-scanned every 2 s, since actors start after `ray.init`.
+    second or so; at equal priority each wake-up stalls the training threads,
+    which on a 2-core machine hold both cores. Training workers, idle workers
+    (which become training workers) and the raylet (whose niceness the workers
+    it forks would inherit) keep theirs. Re-scanned every 2 s, since actors
+    start after `ray.init`.
     """
 
     def __init__(self, niceness: int):
@@ -47,10 +43,10 @@ class Renicer:
                 continue  # gone, or not ours to change
 
     def lower(self, proc) -> None:
-        """Every thread of `proc`: on Linux a niceness and a scheduling policy belong to one
-        thread, and setting a process's (on its pid) changes only its main thread's, while a
-        daemon's gRPC pollers and event loops run in the others. Threads it starts later inherit
-        both from the thread that starts them, and the next scan catches any other. Elsewhere
+        """Every thread of `proc`: on Linux a niceness belongs to one thread, and setting a
+        process's (`setpriority` on its pid) changes only its main thread's, while a daemon's
+        gRPC pollers and event loops run in the others. Threads it starts later inherit the
+        niceness of the thread that starts them, so the next scan catches those. Elsewhere
         (macOS) a niceness is the process's, and its thread ids are no process ids."""
         import os
         import sys
@@ -63,11 +59,8 @@ class Renicer:
             try:
                 if os.getpriority(os.PRIO_PROCESS, thread.id) < self.niceness:
                     os.setpriority(os.PRIO_PROCESS, thread.id, self.niceness)
-                # SCHED_OTHER only: a thread already under SCHED_IDLE stays below it. The niceness is kept.
-                if os.sched_getscheduler(thread.id) == os.SCHED_OTHER:
-                    os.sched_setscheduler(thread.id, os.SCHED_BATCH, os.sched_param(0))
             except OSError:
-                continue  # ended since the listing, or a policy this host's limits refuse
+                continue  # ended since the listing
 
     @staticmethod
     def is_daemon(cmdline: list[str], name: str) -> bool:

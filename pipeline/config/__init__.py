@@ -179,8 +179,7 @@ class RayConfig(Section):
     # (checked before any run is opened; also bounds Ray's own reconnect loop).
     connect_timeout_s: float = Field(15.0, gt=0.0, le=600.0)
     # Local Ray only: CPU niceness of its daemons (gcs, dashboard, agents, the
-    # Train controller) so they yield to the training workers, and on Linux
-    # SCHED_BATCH (they wait for a slice, not preempt); 0 leaves them be.
+    # Train controller) so they yield to the training workers; 0 leaves them be.
     local_daemon_niceness: int = Field(10, ge=0, le=19)
     # How often Ray Train's controller polls its workers (Ray's default: 2 s). A
     # finished run is noticed up to this late, in every Ray stage; each poll is a
