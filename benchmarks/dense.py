@@ -42,10 +42,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import child_result
 
 #: P9's short schedules (the default data, network and batch): a few minutes a repetition in all.
 P9_PARAMS = {
@@ -148,7 +149,7 @@ def _runner(cfg, inputs) -> tuple[float, float]:
 def p9(reps: int) -> None:
     import copy
 
-    from conftest import ROOT, make_repo, write_weights
+    from conftest import make_repo, write_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp) / "repo", copy.deepcopy(P9_PARAMS))
@@ -159,10 +160,7 @@ def p9(reps: int) -> None:
             got: dict[str, list[dict]] = {"stage": [], "runner": []}
             for r in range(reps):
                 for kind in (list(got) if r % 2 == 0 else list(got)[::-1]):
-                    out = repo.run(sys.executable, "-m", "benchmarks.run", "_dense", kind, str(repo.path), stage,
-                                   f"{stage}-{r}", timeout=3600, env={"PYTHONPATH": str(ROOT)})
-                    got[kind].append(json.loads(next(ln[6:] for ln in out.stdout.splitlines()
-                                                     if ln.startswith("TRAIN "))))
+                    got[kind].append(child_result(repo, "TRAIN", "_dense", kind, str(repo.path), stage, f"{stage}-{r}"))
             print(*summary(stage, got), sep="\n")
 
 

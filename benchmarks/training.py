@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import ROOT, child_result
 
 
 # -- the measurements, each in its own process -------------------------------------------
@@ -80,11 +80,9 @@ def steady(history: list[dict], key: str = "img_per_sec") -> float:
 
 
 def _measure(repo, kind: str, threads: int, tag: str, compile_: bool = False) -> list[dict]:
-    out = repo.run(sys.executable, "-m", "benchmarks.run", "_one", kind, str(threads), str(repo.path), tag,
-                   str(int(compile_)), timeout=3600,
-                   # A cold compile each time: Inductor's cache would hide the cost from the second run on.
-                   env={"PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": str(repo.path / f"inductor-{tag}")})
-    return json.loads(next(ln[8:] for ln in out.stdout.splitlines() if ln.startswith("HISTORY ")))
+    return child_result(repo, "HISTORY", "_one", kind, str(threads), str(repo.path), tag, str(int(compile_)),
+                        # A cold compile each time: Inductor's cache would hide the cost from the second run on.
+                        env={"TORCHINDUCTOR_CACHE_DIR": str(repo.path / f"inductor-{tag}")})
 
 
 def _digits_repo(tmp: Path, epochs: int):
