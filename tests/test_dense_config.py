@@ -250,6 +250,7 @@ def test_preset_without_data_root_is_refused():
     ("segmentation.backbone.window_chunks", 0, "segmentation.backbone.window_chunks = 0"),
     ("detection.backbone.window_layout", "swin", "detection.backbone.window_layout = 'swin'"),
     ("segmentation.model.heads", 3, "segmentation.model.heads = 3: unknown key"),
+    ("detection.train.amp", "fp8", "detection.train.amp = 'fp8'"),
 ])
 def test_bad_dense_values_name_their_field(path, value, needle):
     data = _params()

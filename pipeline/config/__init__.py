@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import PipelineError
-from .base import (MAX_BATCH, MAX_COUNT, MAX_EPOCHS, MAX_GPUS, MAX_ITERS, MAX_THREADS, MAX_WORKERS, LaxPath,
+from .base import (MAX_BATCH, MAX_COUNT, MAX_EPOCHS, MAX_GPUS, MAX_ITERS, MAX_THREADS, MAX_WORKERS, Amp, LaxPath,
                    Location, Pair, Section, check_multiple_of_32, ordered_pair)
 from .dense import DetectionConfig, SegmentationConfig
 from .deploy import LATENCY_BACKENDS, CoreMLExportConfig, ExportConfig, FieldConfig, LatencyConfig, OnnxExportConfig
@@ -131,7 +131,7 @@ class TrainConfig(Section):
     # an op has none), and on GPU cuDNN picks its algorithms deterministically (slower than benchmark).
     deterministic: bool = True
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Amp = "none"
     # NHWC activations and weights: oneDNN's faster convolutions on CPUs (the default run's
     # pretraining went from ~205 to ~233 img/s on a 2-core AMD EPYC), tensor cores on GPUs.
     channels_last: bool = True

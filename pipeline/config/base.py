@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from os import PathLike
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict
 
@@ -21,6 +21,10 @@ IntPair = Annotated[tuple[Annotated[int, Strict()], Annotated[int, Strict()]], S
 # A local path or a URI (s3://bucket/dir): kept as text, since a Path would
 # collapse the URI's `//` (s3:/bucket/dir).
 Location = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, PathLike) else v)]
+# Mixed precision of a training step's forward pass (pretraining's `train.amp`); the dense stages'
+# also take `auto`: bf16 where the hardware computes it natively, float32 elsewhere (pipeline/dense/configs.py).
+Amp = Literal["none", "bf16", "fp16"]
+DenseAmp = Literal["auto", "none", "bf16", "fp16"]
 
 
 # Upper bounds on counts, sizes and durations: a value past one of these is a slip (a zero too

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .base import (MAX_BATCH, MAX_CHANNELS, MAX_COUNT, MAX_EPOCHS, MAX_IMAGE_SIDE, MAX_ITERS, MAX_THREADS,
-                   MAX_WORKERS, IntPair, LaxPath, Pair, Section, ordered_pair)
+                   MAX_WORKERS, DenseAmp, IntPair, LaxPath, Pair, Section, ordered_pair)
 
 class DenseBackboneConfig(Section):
     # The pretrain stage's weights, or an official iFormer release (.pth) read through
@@ -96,6 +96,7 @@ class DetectionTrainConfig(Section):
     channels_last: bool = True                  # NHWC network (12 % faster steps here); false: NCHW
     fused_optimizer: bool = True                # torch's fused AdamW kernel; false: its per-tensor loop
     flush_denormal: bool = True                 # CPU: subnormal floats as zero (x86 DAZ/FTZ); false: IEEE
+    amp: DenseAmp = "auto"                      # training forward passes: auto (bf16 if native) | none | bf16 | fp16
 
     @field_validator("image_scale")
     @classmethod
@@ -156,6 +157,7 @@ class SegmentationTrainConfig(Section):
     channels_last: bool = True                  # NHWC network (about 35 % faster steps here); false: NCHW
     fused_optimizer: bool = True                # torch's fused AdamW kernel; false: its per-tensor loop
     flush_denormal: bool = True                 # CPU: subnormals as zero (2.6x faster training here); false: IEEE
+    amp: DenseAmp = "auto"                      # training forward passes: auto (bf16 if native) | none | bf16 | fp16
 
     @field_validator("ratio_range")
     @classmethod

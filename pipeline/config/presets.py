@@ -11,6 +11,8 @@ writes it into params.yaml and keeps every other section as it is.
 - `semantic_fpn_40k`: Semantic FPN (FPN 256, FPNHead 128 channels), AdamW lr
   2e-4, weight decay 1e-4, poly decay (power 0.9), 40k iterations, random
   resize of 2048x512 by 0.5-2.0, crop 512, flip 0.5, batch 32.
+
+Both train in float32 (`amp: none`), as the official configs' plain OptimWrapper.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
                   "rpn_test_proposals": 1000, "roi_samples": 512, "max_per_image": 100},
         "train": {"epochs": 12, "batch_size": 16, "image_scale": [1333, 800], "flip": 0.5, "lr": 2e-4,
                   "weight_decay": 0.05, "warmup_iters": 500, "milestones": [8, 11], "checkpoint_interval": 1,
-                  "log_interval": 50},
+                  "log_interval": 50, "amp": "none"},
         "ray": {"num_workers": 8, "cpus_per_worker": 4.0},
     }),
     "semantic_fpn_40k": ("segmentation", {
@@ -29,7 +31,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "model": {"neck_channels": 256, "head_channels": 128, "dropout": 0.1},
         "train": {"iters": 40000, "batch_size": 32, "crop_size": 512, "image_scale": [2048, 512],
                   "ratio_range": [0.5, 2.0], "flip": 0.5, "lr": 2e-4, "weight_decay": 1e-4, "power": 0.9,
-                  "min_lr": 0.0, "warmup_iters": 0, "checkpoint_interval": 4000, "log_interval": 50},
+                  "min_lr": 0.0, "warmup_iters": 0, "checkpoint_interval": 4000, "log_interval": 50,
+                  "amp": "none"},
         "ray": {"num_workers": 8, "cpus_per_worker": 4.0},
     }),
 }

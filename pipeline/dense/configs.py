@@ -19,13 +19,15 @@ STD = [58.395, 57.12, 57.375]
 
 def register() -> None:
     """Idempotent: add the types these configs name beyond mmdet's and mmseg's own to their
-    registries: the iFormer backbone (both) and Mask R-CNN's `roi_align.SeparableRoIExtractor`."""
+    registries: the iFormer backbone (both), Mask R-CNN's `roi_align.SeparableRoIExtractor` and
+    `amp.AutocastOptimWrapper`."""
     from iformer.dense.registry import register as register_backbone
 
-    from . import roi_align
+    from . import amp, roi_align
 
     register_backbone()
     roi_align.register()
+    amp.register()
 
 
 def backbone(section, variant: str, init: str | None, layer_scale: float | None) -> dict:
@@ -41,6 +43,40 @@ def channels(variant: str) -> list[int]:
     import timm
 
     return [f["num_chs"] for f in timm.create_model(variant, pretrained=False, num_classes=0).feature_info]
+
+
+def native_bf16(use_gpu: bool) -> bool:
+    """Whether this machine's training device computes bf16 in hardware: a CUDA GPU that supports
+    it (Ampere and later), or a CPU with AVX512-BF16 or AMX, whose bf16 convolutions and matrix
+    products oneDNN runs natively. Elsewhere bf16 is emulated, slower than float32."""
+    import torch
+
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def precision(amp: str, use_gpu: bool) -> str:
+    """`*.train.amp` as it runs here: `auto` is bf16 where `native_bf16`, float32 (none) elsewhere."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(use_gpu) else "none"
+
+
+def optim_wrapper(train, use_gpu: bool) -> dict:
+    """The `optim_wrapper` entry of a dense `train` section: AdamW, as mmdet's and mmseg's iFormer
+    configs, in the precision `train.amp` resolves to (`precision`; `amp.py`). fp16 on a GPU needs
+    loss scaling: mmengine's AmpOptimWrapper, as mmdet's and mmseg's `--amp`. bf16 (float32's
+    range) anywhere, and fp16 on the CPU (no scaler there, as pretraining), need autocast alone."""
+    optimizer = dict(type="AdamW", lr=train.lr, betas=(0.9, 0.999), weight_decay=train.weight_decay,
+                     fused=train.fused_optimizer)
+    amp = precision(train.amp, use_gpu)
+    if amp == "none":
+        return dict(type="OptimWrapper", optimizer=optimizer)
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}[amp]
+    if amp == "fp16" and use_gpu:
+        return dict(type="AmpOptimWrapper", dtype=dtype, loss_scale="dynamic", optimizer=optimizer)
+    return dict(type="AutocastOptimWrapper", dtype=dtype, optimizer=optimizer)
 
 
 def _runtime(work_dir: str, seed: int, log_interval: int, scope: str) -> dict:
@@ -171,9 +207,7 @@ def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int,
             dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=max(t.warmup_iters, 1)),
             dict(type="MultiStepLR", begin=0, end=t.epochs, by_epoch=True, milestones=list(t.milestones), gamma=0.1),
         ],
-        optim_wrapper=dict(type="OptimWrapper",
-                           optimizer=dict(type="AdamW", lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay,
-                                          fused=t.fused_optimizer)),
+        optim_wrapper=optim_wrapper(t, cfg.ray.use_gpu),
         visualizer=dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")], name="visualizer"),
     )
 
@@ -240,8 +274,6 @@ def segmentation(cfg, data: dict, work_dir: str, init: str | None, workers: int,
         val_cfg=dict(type="ValLoop"),
         test_cfg=dict(type="TestLoop"),
         param_scheduler=scheduler,
-        optim_wrapper=dict(type="OptimWrapper",
-                           optimizer=dict(type="AdamW", lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay,
-                                          fused=t.fused_optimizer)),
+        optim_wrapper=optim_wrapper(t, cfg.ray.use_gpu),
         visualizer=dict(type="SegLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")], name="visualizer"),
     )

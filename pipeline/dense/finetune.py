@@ -196,7 +196,8 @@ def run_stage(stage: str):
         mlflow.log_artifact(str(out / "config.py"), stage)
         for path in drawn:
             mlflow.log_artifact(str(path), f"{stage}/samples")
-        mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.backbone_init": inputs.init})
+        mlflow.set_tags({"iformer.ray_run_name": inputs.run_name, "iformer.backbone_init": inputs.init,
+                         "iformer.train_precision": result.metrics.get("amp", "none")})  # `*.train.amp` as it ran
         outputs.manifest(srun, task=task, metrics=metrics, ray_run_name=inputs.run_name,
                          ray_storage_path=cluster.storage_path(cfg, root), checkpoint="model.pth",
                          checkpoint_sha256=checkpoint.sha256(weights), backbone_init=inputs.init,

@@ -26,20 +26,26 @@ from ..compute.trainer import keep_layouts, seed_everything, set_cpu_math
 from ..config import Config
 from ..core.console import say
 from . import configs
+from .amp import float_heads
 from .hooks import CHECKPOINT_FILE, MlflowLossHook, RayCheckpointHook
 from .mmengine_checkpoints import allow_mmengine_checkpoints
 
 TASKS = ("detection", "segmentation")
+#: How the worker's first line names what `*.train.amp` resolved to.
+PRECISIONS = {"none": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
 class ChannelsLastRunner(Runner):
     """mmengine's Runner, with the network put in channels_last (NHWC) memory before it is wrapped
-    when its config says `channels_last`. The convolutions follow their weights' layout (oneDNN on
+    when its config says `channels_last`, and its heads' outputs cast to float32 when it trains
+    in mixed precision (`amp.float_heads`). The convolutions follow their weights' layout (oneDNN on
     CPUs, cuDNN on GPUs), so the batches stay as the data preprocessor makes them; converting
     before the wrap lays DDP's gradient buckets out like the parameters they mirror. A fused
     optimizer keeps its gradients and moments in the same layout (`trainer.keep_layouts`)."""
 
     def wrap_model(self, model_wrapper_cfg, model):
+        if self.cfg.get("amp", "none") != "none":
+            float_heads(model)
         if self.cfg.get("channels_last", False):
             model = model.to(memory_format=torch.channels_last)
         return super().wrap_model(model_wrapper_cfg, model)
@@ -59,6 +65,7 @@ def build_config(cfg: Config, task: str, data: dict, work_dir: str, init: str | 
     build = configs.detection if task == "detection" else configs.segmentation
     mm = build(cfg, data, work_dir, init, world, layer_scale)
     mm["channels_last"] = getattr(cfg, task).train.channels_last  # read by ChannelsLastRunner
+    mm["amp"] = configs.precision(getattr(cfg, task).train.amp, use_gpu)  # read by ChannelsLastRunner
     if world > 1:
         mm["launcher"] = "pytorch"
         # CPU modules take no device_ids; on GPU mmengine fills in LOCAL_RANK.
@@ -116,14 +123,15 @@ def train_loop_per_worker(config: dict) -> None:
             total = f"{section.train.epochs} epochs" if by_epoch else f"{section.train.iters} iterations"
             floats = ("subnormals flushed" if flushed else f"{task}.train.flush_denormal: some threads keep subnormals"
                     if section.train.flush_denormal else "IEEE subnormals")
-            say(config["stage"], f"{task}: rank 0/{world}, {threads} threads ({floats}), {total} from {origin}")
+            amp = PRECISIONS[mm["amp"]] + (" (auto)" if section.train.amp == "auto" else "")
+            say(config["stage"], f"{task}: rank 0/{world}, {threads} threads ({floats}), {amp}, {total} from {origin}")
         start = time.perf_counter()
         runner.train()
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
         # mmdet / mmseg return numpy scalars (float32 for mmseg's IoU), which are not Python floats.
         metrics = {k: float(v) for k, v in runner.val().items() if isinstance(v, (int, float, np.number))}
-        metrics.update(train_seconds=train_seconds, eval_seconds=time.perf_counter() - start)
+        metrics.update(train_seconds=train_seconds, eval_seconds=time.perf_counter() - start, amp=mm["amp"])
         with tempfile.TemporaryDirectory() as tmp:
             runner.save_checkpoint(tmp, CHECKPOINT_FILE, by_epoch=by_epoch)
             final = Checkpoint.from_directory(tmp) if rank == 0 else None
