@@ -112,6 +112,22 @@ TINY = {
 
 
 #: The dense stages' `data` entries for building their mmengine configs (digit classes; no files read).
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as the kernel lists them (/proc/cpuinfo), empty where it has none."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16_cpu() -> bool:
+    """Whether the CPU computes bf16 in hardware: AVX512-BF16 or AMX-BF16 (the dense stages' `amp: auto`)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
 DET_DATA = {"root": "/data/coco", "classes": list(DIGIT_CLASSES)}
 SEG_DATA = {"root": "/data/ade", "classes": list(SEG_CLASSES), "dataset": "BaseSegDataset",
             "palette": [[i, i, i] for i in range(len(SEG_CLASSES))]}

@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import DET_DATA, SEG_DATA
+from conftest import DET_DATA, SEG_DATA, native_bf16_cpu
 
 from pipeline.config import Config
 from pipeline.dense import configs
@@ -42,20 +42,13 @@ def test_each_precision_gets_its_wrapper(amp, use_gpu, wrapper, dtype):
     assert OPTIM_WRAPPERS.get(wrapper) is not None
 
 
-def _cpu_flags() -> set[str]:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def test_auto_is_bf16_exactly_where_the_cpu_computes_it():
     """The default, `auto`: bf16 on a CPU whose flags (the kernel's own /proc/cpuinfo) name AVX512-BF16
     or AMX-BF16, float32 elsewhere; the paper presets train in float32 as the official configs."""
     from pipeline.config.presets import PRESETS
 
     assert Config().detection.train.amp == Config().segmentation.train.amp == "auto"
-    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    native = native_bf16_cpu()
     assert configs.native_bf16(False) is native
     assert configs.precision("auto", False) == ("bf16" if native else "none")
     for amp in ("none", "bf16", "fp16"):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import make_repo
+from conftest import make_repo, native_bf16_cpu
 from pipeline.core import checkpoint, layout
 from pipeline.core.cpus import usable_cpus
 from pipeline.tracking import runs
@@ -52,10 +52,17 @@ def test_default_dense_stages_learn(default_repo):
     assert coco["bbox_ap50"] >= coco["bbox_ap"] and coco["segm_ap50"] >= coco["segm_ap"], coco
     assert ade["miou"] >= ade["miou_majority_baseline"] + 5.0, ade
     assert ade["miou_majority_baseline"] > 0
-    # Each trains on every CPU it may use (2 by default), each of those threads reading subnormals as zero.
+    # Each trains on every CPU it may use (2 by default), each of those threads reading subnormals as zero,
+    # in bf16 exactly where the CPU computes it natively (`amp: auto`), and its run's tag says which.
     threads = min(2, usable_cpus())
+    precision = ("bf16 autocast", "bf16") if native_bf16_cpu() else ("float32", "none")
     for task in ("detection", "segmentation"):
-        assert f"{task}: rank 0/1, {threads} threads (subnormals flushed)" in default_repo.repro_log
+        line = f"{task}: rank 0/1, {threads} threads (subnormals flushed), {precision[0]} (auto), "
+        assert line in default_repo.repro_log
+    parents, children = _pipeline_runs(default_repo)
+    kids = {k.data.tags[runs.TAG_STAGE]: k for k in children[parents[0].info.run_id]}
+    for stage in ("finetune_coco", "finetune_ade20k"):
+        assert kids[stage].data.tags["iformer.train_precision"] == precision[1]
 
 
 def test_default_log_is_short_and_ours(default_repo):

@@ -5,7 +5,7 @@ Owns the `prepare_dense`, `finetune_coco` and `finetune_ade20k` stages:
 `datasets`), `configs` (mmengine config dicts built from params.yaml;
 the paper's settings are `config.presets`; `configs.register` adds the types
 they name), `roi_align` (Mask R-CNN's RoIAlign with a backward pass on every
-CPU thread), `worker` (the mmengine Runner on
+CPU thread), `amp` (training steps under autocast, `*.train.amp`), `worker` (the mmengine Runner on
 Ray Train workers, with `hooks` for Ray checkpoints and MLflow losses),
 `finetune` (the stages' check/run), `samples` (prediction images) and `mmengine_checkpoints`
 (mmengine checkpoints under torch's weights-only loading). OpenMMLab is
