@@ -148,3 +148,22 @@ def _tensors(value):
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors(v)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_a_gpu_is_bf16_only_where_the_gpu_computes_it(monkeypatch, native):
+    """On CUDA `auto` asks torch for bf16 in hardware (Ampere and later), not for bf16 that torch
+    would emulate on an older GPU (its default answer counts emulation)."""
+    asked = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert configs.precision("auto", True) == ("bf16" if native else "none")
+    assert asked == [False]
+    cfg = Config.model_validate({"ray": {"use_gpu": True}})
+    wrapper = build_config(cfg, "segmentation", SEG_DATA, "/tmp/w", None, 1, True)["optim_wrapper"]
+    assert wrapper["type"] == ("AutocastOptimWrapper" if native else "OptimWrapper")

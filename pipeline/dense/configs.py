@@ -52,7 +52,7 @@ def native_bf16(use_gpu: bool) -> bool:
     import torch
 
     if use_gpu:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
