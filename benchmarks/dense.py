@@ -36,6 +36,9 @@ What is known of the gap (2-core AMD EPYC, finetune_ade20k's P9 schedule, 2026-1
   SCHED_IDLE, plain 29.4 s; P9 then read 0.966 (coco) and 0.878 (ADE20K). But the whole
   finetune_ade20k stage (400 iterations), alternating: 113.3 and 113.2 s of training with it,
   106.7 and 110.1 s without. A gain this small does not survive this machine's noise.
+- Since the dense stages train in bf16 here (`*.train.amp: auto`, 2026-12-07; both sides of P9 build
+  the same wrapper), 2 reps read: coco 36.7 s against 30.2 s (0.824), ADE20K 29.3 s against 27.1 s
+  (0.926). In float32 the day before, one rep read 40.1 / 40.2 s and 37.8 / 34.4 s.
 """
 from __future__ import annotations
 
