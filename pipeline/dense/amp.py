@@ -52,15 +52,13 @@ def _float_outputs(module: nn.Module, args, output):
     return _to_float(output)
 
 
-def float_heads(model: nn.Module) -> list[str]:
+def float_heads(model: nn.Module) -> None:
     """Cast the outputs of every `*_head` submodule called as a module to float32 (forward
-    hooks); returns their names. A head nested in another (mmdet's `roi_head.bbox_head`) is
-    hooked too: the RoI head calls its box and mask heads, not itself."""
-    names = [name for name, module in model.named_modules() if name.rsplit(".", 1)[-1].endswith("_head")]
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].register_forward_hook(_float_outputs)
-    return names
+    hooks). A head nested in another (mmdet's `roi_head.bbox_head`) is hooked too: the RoI head
+    calls its box and mask heads, not itself."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1].endswith("_head"):
+            module.register_forward_hook(_float_outputs)
 
 
 def register() -> None:

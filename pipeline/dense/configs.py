@@ -63,20 +63,26 @@ def precision(amp: str, use_gpu: bool) -> str:
     return "bf16" if native_bf16(use_gpu) else "none"
 
 
-def optim_wrapper(train, use_gpu: bool) -> dict:
+def optim_wrapper(train, amp: str, use_gpu: bool) -> dict:
     """The `optim_wrapper` entry of a dense `train` section: AdamW, as mmdet's and mmseg's iFormer
-    configs, in the precision `train.amp` resolves to (`precision`; `amp.py`). fp16 on a GPU needs
+    configs, in precision `amp` (`train.amp` resolved by `precision`; `amp.py`). fp16 on a GPU needs
     loss scaling: mmengine's AmpOptimWrapper, as mmdet's and mmseg's `--amp`. bf16 (float32's
     range) anywhere, and fp16 on the CPU (no scaler there, as pretraining), need autocast alone."""
     optimizer = dict(type="AdamW", lr=train.lr, betas=(0.9, 0.999), weight_decay=train.weight_decay,
                      fused=train.fused_optimizer)
-    amp = precision(train.amp, use_gpu)
     if amp == "none":
         return dict(type="OptimWrapper", optimizer=optimizer)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}[amp]
     if amp == "fp16" and use_gpu:
         return dict(type="AmpOptimWrapper", dtype=dtype, loss_scale="dynamic", optimizer=optimizer)
     return dict(type="AutocastOptimWrapper", dtype=dtype, optimizer=optimizer)
+
+
+def _training(train, use_gpu: bool) -> dict:
+    """What both tasks' training precision sets, resolved once: the optimiser's wrapper and `amp`
+    (read by the worker's Runner, `worker.ChannelsLastRunner`, and its first line)."""
+    amp = precision(train.amp, use_gpu)
+    return dict(amp=amp, optim_wrapper=optim_wrapper(train, amp, use_gpu))
 
 
 def _runtime(work_dir: str, seed: int, log_interval: int, scope: str) -> dict:
@@ -207,7 +213,7 @@ def detection(cfg, data: dict, work_dir: str, init: str | None, workers: int,
             dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=max(t.warmup_iters, 1)),
             dict(type="MultiStepLR", begin=0, end=t.epochs, by_epoch=True, milestones=list(t.milestones), gamma=0.1),
         ],
-        optim_wrapper=optim_wrapper(t, cfg.ray.use_gpu),
+        **_training(t, cfg.ray.use_gpu),
         visualizer=dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")], name="visualizer"),
     )
 
@@ -274,6 +280,6 @@ def segmentation(cfg, data: dict, work_dir: str, init: str | None, workers: int,
         val_cfg=dict(type="ValLoop"),
         test_cfg=dict(type="TestLoop"),
         param_scheduler=scheduler,
-        optim_wrapper=optim_wrapper(t, cfg.ray.use_gpu),
+        **_training(t, cfg.ray.use_gpu),
         visualizer=dict(type="SegLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")], name="visualizer"),
     )

@@ -65,7 +65,6 @@ def build_config(cfg: Config, task: str, data: dict, work_dir: str, init: str | 
     build = configs.detection if task == "detection" else configs.segmentation
     mm = build(cfg, data, work_dir, init, world, layer_scale)
     mm["channels_last"] = getattr(cfg, task).train.channels_last  # read by ChannelsLastRunner
-    mm["amp"] = configs.precision(getattr(cfg, task).train.amp, use_gpu)  # read by ChannelsLastRunner
     if world > 1:
         mm["launcher"] = "pytorch"
         # CPU modules take no device_ids; on GPU mmengine fills in LOCAL_RANK.
