@@ -118,3 +118,22 @@ def test_the_report_shows_the_measured_field_only_once_it_has_run():
     assert "![measured front on onnxruntime](field_front_onnxruntime.png)" in text
     assert "- **executorch**: front none; iFormer on it: none; Spearman vs iPhone 13 n/a over 0 networks" in text
     assert "field_front_executorch.png" not in text  # nothing timed, no figure
+
+
+def test_the_head_note_uses_the_evaluate_stages_imagenet_count_and_the_report_needs_no_torch():
+    import subprocess
+    import sys
+
+    from pipeline.classify.evaluate import params_with_imagenet_head
+
+    # The official code's iFormer-T with ImageNet's 1000-class head: 2,886 k parameters (tests/test_models.py).
+    assert round(params_with_imagenet_head("iformer_t") / 1e3) == 2886
+    note = compare.head_note("iformer_t", 2.6186, 2.886456, 10)
+    assert note == ("Params 2.62 M vs the paper's 2.90 M: the head here has 10 classes; "
+                    "the same network with ImageNet's 1000-class head has 2.89 M.")
+    assert compare.head_note("iformer_t", 2.6186, None, 10) is None  # an evaluate output from before the count
+    assert compare.head_note("iformer_t", 2.886, 2.886, 1000) is None  # nothing to explain
+    # The report stage's modules import neither torch nor timm (each a second or two of every report).
+    code = ("import sys, pipeline.report.write, pipeline.report.sections, pipeline.core.checkpoint; "
+            "print(sorted({'torch', 'timm'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

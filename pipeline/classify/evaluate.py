@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from iformer.models import count_params, fused_copy, gmacs
+from iformer.models import build_model, count_params, fused_copy, gmacs
 
 from ..config import Config
 from ..core import checkpoint, layout
@@ -98,6 +98,13 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Non
     plt.close(fig)
 
 
+def params_with_imagenet_head(variant: str) -> int:
+    """Parameters of `variant` as the official code builds it for ImageNet (1000 classes, unfused):
+    what the paper's Params column counts, for the report's note on a head of another width."""
+    with torch.device("meta"):  # shapes only
+        return count_params(build_model(variant, 1000))
+
+
 def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     import mlflow
 
@@ -114,6 +121,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     metrics = {
         "top1": s["top1"], "top5": s["top5"], "loss": s["loss"], "num_images": s["num_images"],
         "params_m": count_params(fused) / 1e6,
+        "params_m_1000_classes": params_with_imagenet_head(inputs.weights["variant"]) / 1e6,
         "gmacs_224": gmacs(fused, 224),
         "fuse_max_abs_diff": fuse_diff,
     }

@@ -26,8 +26,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import PipelineError
 from . import layout
 from .integrity import sha256  # noqa: F401 (the stages' name for it)
@@ -41,6 +39,8 @@ def load_any(path: Path, what: str) -> dict:
     path = Path(path)
     missing(path, what)
     try:
+        import torch  # here, not at the top: the report reads `describe_source` without torch
+
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors of many types
         first = next((line for line in str(err).splitlines() if line.strip()), "")[:200]
@@ -58,6 +58,8 @@ def save_weights(path: Path, state_dict: dict, *, variant: str, num_classes: int
     `layer_scale` None records what the state dict holds (the official 1e-6
     when it has `gamma` parameters, else 0).
     """
+    import torch
+
     from iformer.models import layer_scale_from
 
     layer_scale = layer_scale_from(state_dict, layer_scale)
@@ -237,6 +239,7 @@ def check_release(path: Path, shown: str, *, variant: str, layer_scale: float, n
     `num_classes` prepared classes; fine-tuned, a head of another class count
     starts afresh. Errors name `what` and the file.
     """
+    import torch
     from iformer.distill import state_dict_mismatch
     from iformer.models import build_model, has_layer_scale
     from iformer.weights import WeightsError, head_classes, is_distilled, starting_state, variants_fitting

@@ -46,7 +46,8 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     rows = history.pipeline_runs(client, srun.experiment_id)
     changed = baseline.differing(cfg, root)
     extra = compare.identity(cfg.mlflow.experiment, git_commit(root), srun.parent_run_id, changed)
-    note = compare.head_note(cfg.model.variant, summary["ours"]["params_m"], inputs.prepare.get("num_classes", 1000))
+    note = compare.head_note(cfg.model.variant, summary["ours"]["params_m"], inputs.evaluation.get("params_m_1000_classes"),
+                             inputs.prepare.get("num_classes", 1000))
     if note:
         extra += ["", note]
     extra += compare.classification_table(rows, srun.parent_run_id)
