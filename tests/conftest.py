@@ -289,7 +289,7 @@ def write_weights(repo: Repo, variant: str = "iformer_t", classes: list[str] | N
 #: The shared export: digits at 32 px, a 64 px classifier beside the 32 px one, and a 64 px backbone
 #: whose 4x4 stage-3 map takes windows of 2 (its windowed attention path exported); latency times
 #: two of them briefly.
-SHARED_EXPORT = {"export": {"classifier_sizes": [64], "backbone_size": 64},
+SHARED_EXPORT = {"export": {"classifier_sizes": [64], "backbone_size": 64, "processes": 2},
                  "detection": {"backbone": {"window_size": 2, "window_chunks": 2}},
                  "latency": {"models": ["classifier_32", "backbone_64"], "runs": 4, "warmup": 1}}
 

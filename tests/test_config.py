@@ -55,6 +55,8 @@ def test_variants_are_timms():
         ("optim.base_lr", "1e-3", "optim.base_lr = '1e-3'"),
         ("aug.scale", ["0.5", 1.0], "aug.scale.0 = '0.5'"),
         ("ray.connect_timeout_s", 0, "ray.connect_timeout_s = 0"),
+        ("export.processes", 0, "export.processes = 0"),
+        ("export.processes", "all", "export.processes = 'all'"),
     ],
 )
 def test_bad_value_names_field_and_value(path, value, needle):

@@ -46,7 +46,12 @@ def test_export_writes_checked_coreml_and_onnx(exported, tmp_path):
     assert c["ops_total"] > c["ops_without_const"] > c["conv"] > 50 and c["softmax"] == 5 and c["transpose"] == 0
     assert 4 < c["weight_mb"] < 7  # 2.9 M parameters in FP16
     assert not (exported.path / "artifacts/export.tmp").exists()
-    assert "Converting PyTorch Frontend" in (out / "convert.log").read_text()
+    # Two conversion processes (SHARED_EXPORT): what the libraries said, whole and in the models' order.
+    said = (out / "convert.log").read_text()
+    heads = [line for line in said.splitlines() if line.startswith("== ")]
+    assert heads == ["== classifier_32 ==", "== classifier_64 ==", "== backbone_64 =="]
+    sections = said.split("== ")[1:]
+    assert all("Converting PyTorch Frontend" in part for part in sections) and not list(out.glob("convert.*.log"))
 
 
 @pytest.mark.slow
@@ -275,3 +280,40 @@ def test_onnx_check_scales_the_tolerance_with_the_output(tmp_path):
     small = torch.tensor([[0.5, 0.1, 0.0, 0.0]])  # below 1 the tolerance stays absolute
     with pytest.raises(PipelineError):
         onnx_check.max_abs_diff(path, small, [small + 2e-4], 1e-4)
+
+
+# -- conversion processes ---------------------------------------------------------------------------
+def test_the_models_convert_one_process_per_usable_cpu_at_most_one_per_model(monkeypatch):
+    from pipeline.config import parse_config
+    from pipeline.deploy import export
+
+    cfg = parse_config(copy.deepcopy(TINY))
+    monkeypatch.setattr(export, "usable_cpus", lambda: 2)
+    assert cfg.export.processes == "auto"
+    assert [export.processes(cfg, models) for models in (1, 2, 3)] == [1, 2, 2]
+    cfg.export.processes = 8
+    assert [export.processes(cfg, models) for models in (1, 3)] == [1, 3]
+
+
+def test_a_model_failing_in_its_conversion_process_is_one_error_line(tmp_path):
+    """A spawned conversion process hands its failure back as data: the stage's one error line names
+    the model and the exception, and says what became of the libraries' output (none here: the
+    failure comes before any library runs; `keep_log` is tested in test_robust); no conversion
+    process is left running."""
+    import multiprocessing
+
+    from pipeline.config import parse_config
+    from pipeline.deploy import export
+    from pipeline.errors import PipelineError
+
+    cfg = parse_config(copy.deepcopy(TINY))
+    targets = [export.Target("classifier", 32), export.Target("backbone", 64)]
+    inputs = export.Inputs(weights={}, weights_path=tmp_path / "model.pt", classes=["0", "1"], targets=targets)
+    chatter = {t.name: tmp_path / f"convert.{t.name}.log" for t in targets}
+    with pytest.raises(PipelineError) as err:
+        export._in_processes(2, inputs, cfg, tmp_path, chatter, tmp_path / "export.failed.log")
+    # deploy_module reads the weights' variant first: KeyError from the empty weights dict.
+    assert str(err.value).startswith("classifier_32: export failed: KeyError: 'variant'")
+    assert str(err.value) == "classifier_32: export failed: KeyError: 'variant' (no library output)"
+    assert not (tmp_path / "export.failed.log").exists()
+    assert multiprocessing.active_children() == []

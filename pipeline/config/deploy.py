@@ -1,7 +1,7 @@
 """The `export`, `latency` and `field` sections (pipeline/deploy, the field stage)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -36,6 +36,9 @@ class ExportConfig(Section):
     coreml: CoreMLExportConfig = CoreMLExportConfig()
     onnx: OnnxExportConfig = OnnxExportConfig()
     executorch: ExecuTorchExportConfig = ExecuTorchExportConfig()
+    # Models converted at once, each in a process of its own (conversion is single-threaded Python);
+    # auto: one per CPU this process may use, at most one per model. 1: one after another, in-process.
+    processes: Union[int, str] = "auto"
 
     @field_validator("classifier_sizes")
     @classmethod
@@ -45,6 +48,13 @@ class ExportConfig(Section):
                 raise ValueError(f"sizes must be in [32, 2048], got {size}")
             check_multiple_of_32(size)
         return v
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, v):
+        if v == "auto" or (type(v) is int and 1 <= v <= MAX_THREADS):
+            return v
+        raise ValueError(f"must be auto or a number of processes from 1 to {MAX_THREADS}")
 
     @field_validator("backbone_size")
     @classmethod

@@ -16,14 +16,20 @@ exported from one `torch.export` program of its deploy form
 `census.json` holds the op census of every ML Program and, on macOS, its
 compute-plan summary; `metrics/export.json` the headline census figures
 (`ops_without_const` first, `ops_total` beside it: see `census`) and ONNX
-differences. Everything is written aside and moved in place when complete
+differences. The models convert `export.processes` at a time, each in a
+process of its own (conversion is single-threaded Python); their lines and
+`convert.log` (what the libraries said) keep the targets' order. Everything is written aside and moved in place when complete
 (`pipeline.core.outputs`); the manifest comes last.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,7 @@ import torch
 from ..classify.datasets import Prepared
 from ..config import Config
 from ..core import checkpoint, console, integrity, layout, lifecycle
+from ..core.cpus import usable_cpus
 from ..core.outputs import Outputs
 from ..errors import PipelineError
 from ..tracking.runs import StageRun
@@ -158,10 +165,6 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
     plan = compute_plan.plan_for(package)
     zipped = coreml.zip_package(package)
     seconds = time.perf_counter() - start
-    log.info("%s: %d MIL ops without const (%d with), %d reshape+transpose, %.1f MB weights; ONNX %s opset %d, "
-             "max diff %.1e; %.1f s", target.name, ops["ops_without_const"], ops["ops_total"],
-             ops["reshape_transpose"], ops["weight_bytes"] / 1e6, onnx_info["exporter"], onnx_info["opset"],
-             max(onnx_diff.values()), seconds)
     return {
         "kind": target.kind, "size": target.size, "seconds": seconds,
         "coreml": zipped.name, "onnx": f"{target.name}.onnx",
@@ -171,23 +174,93 @@ def export_one(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
     }
 
 
+def describe(name: str, m: dict) -> str:
+    """The line a converted model gets in the stage's log."""
+    ops = m["census"]
+    return (f"{name}: {ops['ops_without_const']} MIL ops without const ({ops['ops_total']} with), "
+            f"{ops['reshape_transpose']} reshape+transpose, {ops['weight_bytes'] / 1e6:.1f} MB weights; "
+            f"ONNX {m['onnx_export']['exporter']} opset {m['onnx_export']['opset']}, "
+            f"max diff {max(m['onnx_max_abs_diff'].values()):.1e}; {m['seconds']:.1f} s")
+
+
+def processes(cfg: Config, models: int) -> int:
+    """How many models convert at once (`export.processes`): never more than there are models."""
+    wanted = cfg.export.processes
+    return max(1, min(usable_cpus() if wanted == "auto" else wanted, models))
+
+
 def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict:
-    """Every target into `out`; a failure inside a library is one error line, its output kept."""
-    models = {}
+    """Every target into `out`, `export.processes` at a time; a failure inside a library is one error
+    line, naming the model, with what the libraries said kept beside the outputs. The models' lines
+    and `convert.log` come in the order of the targets, however many convert at once."""
     reason = coreml.predict_unavailable()
     if reason:
         log.info("Core ML predict check skipped for the %d models: %s", len(inputs.targets), reason)
-    for t in inputs.targets:
-        try:
-            models[t.name] = export_one(t, inputs, cfg, out, out / "convert.log")
-        except PipelineError:
-            raise
-        except Exception as err:  # a network coremltools or the exporter cannot take: keep what they said
-            lifecycle.raise_if_stopping()  # unless a stop signal broke it (a library turned it into its own error)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise PipelineError(f"{t.name}: export failed: {type(err).__name__}: {first} "
-                                f"({keep_log(out / 'convert.log', failed_log)})") from None
+    n = processes(cfg, len(inputs.targets))
+    chatter = {t.name: out / (f"convert.{t.name}.log" if n > 1 else "convert.log") for t in inputs.targets}
+    if n == 1:
+        results = ((t, _converted(t, inputs, cfg, out, chatter[t.name])) for t in inputs.targets)
+        return {t.name: _entry(t, got, chatter[t.name], failed_log) for t, got in results}
+    models = _in_processes(n, inputs, cfg, out, chatter, failed_log)
+    gc.collect()  # the pool's queues and locks, so their finalizers run before the stage's quick exit
+    with open(out / "convert.log", "w") as whole:
+        for t in inputs.targets:
+            whole.write(f"== {t.name} ==\n{chatter[t.name].read_text()}")
+            chatter[t.name].unlink()
     return models
+
+
+def _in_processes(n: int, inputs: Inputs, cfg: Config, out: Path, chatter: dict, failed_log: Path) -> dict:
+    import multiprocessing
+
+    # Spawned, not forked: this process has threads (the stage's watchdog, torch's pool).
+    pool = multiprocessing.get_context("spawn").Pool(n, initializer=_conversion_process,
+                                                     initargs=(max(1, usable_cpus() // n), os.getpid()))
+    try:
+        # The costliest first, so the last to finish is a short one.
+        pending = {t.name: pool.apply_async(_converted, (t, inputs, cfg, out, chatter[t.name]))
+                   for t in sorted(inputs.targets, key=lambda t: (t.kind != "backbone", -t.size))}
+        return {t.name: _entry(t, pending[t.name].get(), chatter[t.name], failed_log) for t in inputs.targets}
+    finally:
+        pool.terminate()  # a failure or a stop signal leaves no conversion running
+        pool.join()
+
+
+def _conversion_process(threads: int, stage_pid: int) -> None:
+    """A conversion process of `export_all`: a stop signal is the stage's to act on (it ends these
+    processes), the processes share the CPUs, and none outlives the stage, however it dies (Linux
+    kills it with the stage: it must not go on writing into a rerun's outputs)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != stage_pid:  # gone before that took effect
+            os._exit(1)
+    torch.set_num_threads(threads)
+
+
+def _converted(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_log: Path) -> tuple:
+    """`export_one`, its failure as data: ("ok", entry), ("error", message) for a PipelineError, or
+    ("failed", type name, first line) for a library's exception (which may not survive pickling)."""
+    try:
+        return ("ok", export_one(target, inputs, cfg, out, chatter_log))
+    except PipelineError as err:
+        return ("error", str(err))
+    except Exception as err:  # a network coremltools or the exporter cannot take
+        return ("failed", type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+
+
+def _entry(target: Target, got: tuple, chatter_log: Path, failed_log: Path) -> dict:
+    """The manifest entry of a converted model (and its line in the log), or its one error line."""
+    if got[0] == "error":
+        raise PipelineError(got[1])
+    if got[0] == "failed":
+        lifecycle.raise_if_stopping()  # unless a stop signal broke it (a library turned it into its own error)
+        raise PipelineError(f"{target.name}: export failed: {got[1]}: {got[2]} "
+                            f"({keep_log(chatter_log, failed_log)})")
+    log.info("%s", describe(target.name, got[1]))
+    return got[1]
 
 
 def keep_log(log_file: Path, kept: Path) -> str:
