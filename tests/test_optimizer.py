@@ -52,7 +52,10 @@ def test_the_pretrain_optimizer_is_adamw_fused_as_configured(fused):
 def test_the_dense_runners_build_a_fused_adamw(task):
     from mmengine.optim import build_optim_wrapper
 
+    from pipeline.dense import configs
     from pipeline.dense.worker import build_config
+
+    configs.register()  # as the worker does before it builds its Runner: our optimiser wrappers among them
 
     data = DET_DATA if task == "detection" else SEG_DATA
     for fused in (True, False):

@@ -2,11 +2,14 @@
 model (the per-model conversion is stubbed; `coreml.predict_unavailable` is the real check of this host)."""
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 
 import pytest
 
+from conftest import TINY
+from pipeline.config import parse_config
 from pipeline.deploy import coreml, export
 
 
@@ -14,13 +17,23 @@ from pipeline.deploy import coreml, export
 def test_the_core_ml_predict_skip_is_said_once_per_export(tmp_path, monkeypatch, caplog):
     targets = [export.Target("classifier", 224), export.Target("classifier", 32), export.Target("backbone", 512)]
     inputs = export.Inputs(weights={}, weights_path=tmp_path / "model.pt", classes=[], targets=targets)
-    monkeypatch.setattr(export, "export_one", lambda t, *a: {"coreml_predict_check": {"skipped": "stub"}})
+    stub = {"coreml_predict_check": {"skipped": "stub"}, "seconds": 1.0, "onnx_max_abs_diff": {"logits": 1e-6},
+            "onnx_export": {"exporter": "dynamo", "opset": 18},
+            "census": {"ops_without_const": 172, "ops_total": 774, "reshape_transpose": 20, "weight_bytes": 5.2e6}}
+    monkeypatch.setattr(export, "export_one", lambda t, *a: stub)
+    cfg = parse_config(copy.deepcopy(TINY))
+    cfg.export.processes = 1  # in-process: the stub stays in place
     with caplog.at_level(logging.INFO, logger=export.__name__):
-        models = export.export_all(None, inputs, tmp_path, tmp_path / "failed.log")
+        models = export.export_all(cfg, inputs, tmp_path, tmp_path / "failed.log")
     assert list(models) == ["classifier_224", "classifier_32", "backbone_512"]
     said = [r.getMessage() for r in caplog.records if "predict check skipped" in r.getMessage()]
     assert said == [f"Core ML predict check skipped for the 3 models: {coreml.predict_unavailable()}"]
     assert "macOS" in said[0]
+    # Then one line per model, in the targets' order.
+    lines = [r.getMessage() for r in caplog.records if "MIL ops" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["classifier_224", "classifier_32", "backbone_512"]
+    assert lines[0] == ("classifier_224: 172 MIL ops without const (774 with), 20 reshape+transpose, 5.2 MB weights; "
+                        "ONNX dynamo opset 18, max diff 1.0e-06; 1.0 s")
 
 
 def test_the_ray_log_keeps_the_autoscalers_events_not_its_status_table(tmp_path, monkeypatch):
