@@ -296,24 +296,44 @@ def test_the_models_convert_one_process_per_usable_cpu_at_most_one_per_model(mon
 
 
 def test_a_model_failing_in_its_conversion_process_is_one_error_line(tmp_path):
-    """A spawned conversion process hands its failure back as data: the stage's one error line names
-    the model and the exception, and says what became of the libraries' output (none here: the
-    failure comes before any library runs; `keep_log` is tested in test_robust); no conversion
-    process is left running."""
+    """Each conversion process reads the weights file itself and hands its failure back as data: the
+    stage's one error line names the model and the library's exception (weights with no tensors: the
+    network refuses them as it loads them, before any exporter runs, so there is no library output to
+    keep; `keep_log` is tested in test_robust); no conversion process is left running."""
     import multiprocessing
 
     from pipeline.config import parse_config
+    from pipeline.core import checkpoint, spawned
     from pipeline.deploy import export
     from pipeline.errors import PipelineError
 
     cfg = parse_config(copy.deepcopy(TINY))
+    weights = tmp_path / "model.pt"
+    checkpoint.save_weights(weights, {}, variant="iformer_t", num_classes=2, distillation=False, classes=["0", "1"],
+                            image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     targets = [export.Target("classifier", 32), export.Target("backbone", 64)]
-    inputs = export.Inputs(weights={}, weights_path=tmp_path / "model.pt", classes=["0", "1"], targets=targets)
-    chatter = {t.name: tmp_path / f"convert.{t.name}.log" for t in targets}
+    inputs = export.Inputs(weights={}, weights_path=weights, classes=["0", "1"], targets=targets)
+    cfg.export.processes = 2
     with pytest.raises(PipelineError) as err:
-        export._in_processes(2, inputs, cfg, tmp_path, chatter, tmp_path / "export.failed.log")
-    # deploy_module reads the weights' variant first: KeyError from the empty weights dict.
-    assert str(err.value).startswith("classifier_32: export failed: KeyError: 'variant'")
-    assert str(err.value) == "classifier_32: export failed: KeyError: 'variant' (no library output)"
-    assert not (tmp_path / "export.failed.log").exists()
+        export.export_all(cfg, inputs, tmp_path, tmp_path / "export.failed.log")
+    assert str(err.value).startswith("classifier_32: export failed: RuntimeError: Error(s) in loading state_dict")
+    assert str(err.value).endswith("(no library output)") and "\n" not in str(err.value)
     assert multiprocessing.active_children() == []
+    # A process that dies before it answers fails the models not converted by then, by name.
+    pending = {"backbone_64": _settled(spawned.DIED), "classifier_32": _settled(spawned.DIED)}
+    with pytest.raises(PipelineError) as err:
+        export._entry(targets[0], spawned.DIED, tmp_path / "x.log", tmp_path / "export.failed.log", pending)
+    assert str(err.value) == ("export failed: a conversion process died (killed, or crashed inside a library) "
+                              "before backbone_64, classifier_32 were converted")
+
+
+def _settled(result):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    future = Future()
+    if result == "died":
+        future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    else:
+        future.set_result(result)
+    return future

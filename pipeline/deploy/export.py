@@ -18,27 +18,24 @@ compute-plan summary; `metrics/export.json` the headline census figures
 (`ops_without_const` first, `ops_total` beside it: see `census`) and ONNX
 differences. The models convert `export.processes` at a time, each in a
 process of its own (conversion is single-threaded Python); their lines and
-`convert.log` (what the libraries said) keep the targets' order. Everything is written aside and moved in place when complete
-(`pipeline.core.outputs`); the manifest comes last.
+`convert.log` (what the libraries said) keep the targets' order. Everything
+is written aside and moved in place when complete (`pipeline.core.outputs`);
+the manifest comes last.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import os
 import shutil
-import signal
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..classify.datasets import Prepared
 from ..config import Config
-from ..core import checkpoint, console, integrity, layout, lifecycle
+from ..core import checkpoint, console, integrity, layout, lifecycle, spawned
 from ..core.cpus import usable_cpus
 from ..core.outputs import Outputs
 from ..errors import PipelineError
@@ -201,43 +198,19 @@ def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict
     if n == 1:
         results = ((t, _converted(t, inputs, cfg, out, chatter[t.name])) for t in inputs.targets)
         return {t.name: _entry(t, got, chatter[t.name], failed_log) for t, got in results}
-    models = _in_processes(n, inputs, cfg, out, chatter, failed_log)
-    gc.collect()  # the pool's queues and locks, so their finalizers run before the stage's quick exit
+    with spawned.pool(n) as pool:
+        apart = replace(inputs, weights=None)  # each process reads the file (`_converted_apart`)
+        sha = checkpoint.sha256(inputs.weights_path)
+        # The costliest first, so the last to finish is a short one.
+        pending = {t.name: pool.submit(_converted_apart, t, apart, cfg, out, chatter[t.name], sha)
+                   for t in sorted(inputs.targets, key=lambda t: (t.kind != "backbone", -t.size))}
+        models = {t.name: _entry(t, spawned.outcome(pending[t.name]), chatter[t.name], failed_log, pending)
+                  for t in inputs.targets}
     with open(out / "convert.log", "w") as whole:
         for t in inputs.targets:
             whole.write(f"== {t.name} ==\n{chatter[t.name].read_text()}")
             chatter[t.name].unlink()
     return models
-
-
-def _in_processes(n: int, inputs: Inputs, cfg: Config, out: Path, chatter: dict, failed_log: Path) -> dict:
-    import multiprocessing
-
-    # Spawned, not forked: this process has threads (the stage's watchdog, torch's pool).
-    pool = multiprocessing.get_context("spawn").Pool(n, initializer=_conversion_process,
-                                                     initargs=(max(1, usable_cpus() // n), os.getpid()))
-    try:
-        # The costliest first, so the last to finish is a short one.
-        pending = {t.name: pool.apply_async(_converted, (t, inputs, cfg, out, chatter[t.name]))
-                   for t in sorted(inputs.targets, key=lambda t: (t.kind != "backbone", -t.size))}
-        return {t.name: _entry(t, pending[t.name].get(), chatter[t.name], failed_log) for t in inputs.targets}
-    finally:
-        pool.terminate()  # a failure or a stop signal leaves no conversion running
-        pool.join()
-
-
-def _conversion_process(threads: int, stage_pid: int) -> None:
-    """A conversion process of `export_all`: a stop signal is the stage's to act on (it ends these
-    processes), the processes share the CPUs, and none outlives the stage, however it dies (Linux
-    kills it with the stage: it must not go on writing into a rerun's outputs)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != stage_pid:  # gone before that took effect
-            os._exit(1)
-    torch.set_num_threads(threads)
 
 
 def _converted(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_log: Path) -> tuple:
@@ -251,8 +224,26 @@ def _converted(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
         return ("failed", type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
 
 
-def _entry(target: Target, got: tuple, chatter_log: Path, failed_log: Path) -> dict:
+def _converted_apart(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_log: Path, sha: str) -> tuple:
+    """`_converted` in a conversion process, which reads the weights from their file (`sha`: its bytes
+    when the stage checked it). Tensors handed to a spawned process would travel as shared memory
+    through a socket in a temp dir that the stage's quick exit leaves behind."""
+    try:
+        if checkpoint.sha256(inputs.weights_path) != sha:
+            raise PipelineError(f"{inputs.weights_path}: changed while export ran; rerun export")
+        weights = checkpoint.load_weights(inputs.weights_path, "pretrain weights")
+    except PipelineError as err:
+        return ("error", str(err))
+    return _converted(target, replace(inputs, weights=weights), cfg, out, chatter_log)
+
+
+def _entry(target: Target, got, chatter_log: Path, failed_log: Path, pending: dict | None = None) -> dict:
     """The manifest entry of a converted model (and its line in the log), or its one error line."""
+    if got == spawned.DIED:  # every model not converted by then fails with it: name them all
+        lifecycle.raise_if_stopping()
+        lost = [name for name, f in pending.items() if spawned.outcome(f) == spawned.DIED]
+        raise PipelineError(f"export failed: a conversion process died (killed, or crashed inside a library) "
+                            f"before {', '.join(lost)} {'was' if len(lost) == 1 else 'were'} converted")
     if got[0] == "error":
         raise PipelineError(got[1])
     if got[0] == "failed":
