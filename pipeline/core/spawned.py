@@ -3,7 +3,8 @@ otherwise do on one of its cores (`export.processes`).
 
 `pool(n)` gives a `ProcessPoolExecutor` whose processes
 - are spawned, not forked (a stage process has threads: its watchdog, torch's pool);
-- ignore Ctrl-C: a stop signal is the stage's to act on, and the block's end kills them;
+- ignore Ctrl-C: a stop signal is the stage's to act on; when the block fails or is stopped it kills
+  and reaps them, and after success each exits on its own;
 - die with the stage however it dies (Linux: `PR_SET_PDEATHSIG`), so none goes on writing into a
   rerun's outputs;
 - share the CPUs the stage may use (torch's threads: usable CPUs / n).
