@@ -296,7 +296,7 @@ def test_the_models_convert_one_process_per_usable_cpu_at_most_one_per_model(mon
 
 
 def test_a_model_failing_in_its_conversion_process_is_one_error_line(tmp_path):
-    """Each conversion process reads the weights file itself and hands its failure back as data: the
+    """Each conversion process reads the pretrain weights itself and hands its failure back as data: the
     stage's one error line names the model and the library's exception (weights with no tensors: the
     network refuses them as it loads them, before any exporter runs, so there is no library output to
     keep; `keep_log` is tested in test_robust); no conversion process is left running."""
@@ -308,22 +308,21 @@ def test_a_model_failing_in_its_conversion_process_is_one_error_line(tmp_path):
     from pipeline.errors import PipelineError
 
     cfg = parse_config(copy.deepcopy(TINY))
-    weights = tmp_path / "model.pt"
+    weights = tmp_path / "artifacts/pretrain/model.pt"  # the pretrain stage's file, no manifest to check it against
+    weights.parent.mkdir(parents=True)
     checkpoint.save_weights(weights, {}, variant="iformer_t", num_classes=2, distillation=False, classes=["0", "1"],
                             image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     targets = [export.Target("classifier", 32), export.Target("backbone", 64)]
     inputs = export.Inputs(weights={}, weights_path=weights, classes=["0", "1"], targets=targets)
     cfg.export.processes = 2
     with pytest.raises(PipelineError) as err:
-        export.export_all(cfg, inputs, tmp_path, tmp_path / "export.failed.log")
+        export.export_all(cfg, tmp_path, inputs, tmp_path, tmp_path / "export.failed.log")
     assert str(err.value).startswith("classifier_32: export failed: RuntimeError: Error(s) in loading state_dict")
     assert str(err.value).endswith("(no library output)") and "\n" not in str(err.value)
     assert multiprocessing.active_children() == []
     # A process that dies before it answers fails the models not converted by then, by name.
     pending = {"backbone_64": _settled(spawned.DIED), "classifier_32": _settled(spawned.DIED)}
-    with pytest.raises(PipelineError) as err:
-        export._entry(targets[0], spawned.DIED, tmp_path / "x.log", tmp_path / "export.failed.log", pending)
-    assert str(err.value) == ("export failed: a conversion process died (killed, or crashed inside a library) "
+    assert str(export._died(pending)) == ("export failed: a conversion process died (killed, or crashed inside a library) "
                               "before backbone_64, classifier_32 were converted")
 
 

@@ -24,7 +24,7 @@ def test_the_core_ml_predict_skip_is_said_once_per_export(tmp_path, monkeypatch,
     cfg = parse_config(copy.deepcopy(TINY))
     cfg.export.processes = 1  # in-process: the stub stays in place
     with caplog.at_level(logging.INFO, logger=export.__name__):
-        models = export.export_all(cfg, inputs, tmp_path, tmp_path / "failed.log")
+        models = export.export_all(cfg, tmp_path, inputs, tmp_path, tmp_path / "failed.log")
     assert list(models) == ["classifier_224", "classifier_32", "backbone_512"]
     said = [r.getMessage() for r in caplog.records if "predict check skipped" in r.getMessage()]
     assert said == [f"Core ML predict check skipped for the 3 models: {coreml.predict_unavailable()}"]

@@ -36,11 +36,11 @@ STATE_FILE = "state.pt"
 
 def load_any(path: Path, what: str) -> dict:
     """A checkpoint dict of either kind (or a foreign one), loaded safely; errors name `what`."""
+    import torch  # here, not at the top: the report reads `describe_source` without torch
+
     path = Path(path)
     missing(path, what)
     try:
-        import torch  # here, not at the top: the report reads `describe_source` without torch
-
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors of many types
         first = next((line for line in str(err).splitlines() if line.strip()), "")[:200]

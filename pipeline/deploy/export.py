@@ -186,7 +186,7 @@ def processes(cfg: Config, models: int) -> int:
     return max(1, min(usable_cpus() if wanted == "auto" else wanted, models))
 
 
-def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict:
+def export_all(cfg: Config, root: Path, inputs: Inputs, out: Path, failed_log: Path) -> dict:
     """Every target into `out`, `export.processes` at a time; a failure inside a library is one error
     line, naming the model, with what the libraries said kept beside the outputs. The models' lines
     and `convert.log` come in the order of the targets, however many convert at once."""
@@ -200,12 +200,16 @@ def export_all(cfg: Config, inputs: Inputs, out: Path, failed_log: Path) -> dict
         return {t.name: _entry(t, got, chatter[t.name], failed_log) for t, got in results}
     with spawned.pool(n) as pool:
         apart = replace(inputs, weights=None)  # each process reads the file (`_converted_apart`)
-        sha = checkpoint.sha256(inputs.weights_path)
         # The costliest first, so the last to finish is a short one.
-        pending = {t.name: pool.submit(_converted_apart, t, apart, cfg, out, chatter[t.name], sha)
+        pending = {t.name: pool.submit(_converted_apart, t, root, apart, cfg, out, chatter[t.name])
                    for t in sorted(inputs.targets, key=lambda t: (t.kind != "backbone", -t.size))}
-        models = {t.name: _entry(t, spawned.outcome(pending[t.name]), chatter[t.name], failed_log, pending)
-                  for t in inputs.targets}
+        models = {}
+        for t in inputs.targets:
+            got = spawned.outcome(pending[t.name])
+            if got == spawned.DIED:
+                lifecycle.raise_if_stopping()
+                raise _died(pending)
+            models[t.name] = _entry(t, got, chatter[t.name], failed_log)
     with open(out / "convert.log", "w") as whole:
         for t in inputs.targets:
             whole.write(f"== {t.name} ==\n{chatter[t.name].read_text()}")
@@ -224,26 +228,26 @@ def _converted(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_l
         return ("failed", type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
 
 
-def _converted_apart(target: Target, inputs: Inputs, cfg: Config, out: Path, chatter_log: Path, sha: str) -> tuple:
-    """`_converted` in a conversion process, which reads the weights from their file (`sha`: its bytes
-    when the stage checked it). Tensors handed to a spawned process would travel as shared memory
-    through a socket in a temp dir that the stage's quick exit leaves behind."""
+def _converted_apart(target: Target, root: Path, inputs: Inputs, cfg: Config, out: Path, chatter_log: Path) -> tuple:
+    """`_converted` in a conversion process, which reads the weights as `check` did (tensors handed
+    to a spawned process would travel as shared memory through a socket in a temp dir that the
+    stage's quick exit leaves behind)."""
     try:
-        if checkpoint.sha256(inputs.weights_path) != sha:
-            raise PipelineError(f"{inputs.weights_path}: changed while export ran; rerun export")
-        weights = checkpoint.load_weights(inputs.weights_path, "pretrain weights")
+        _, weights = checkpoint.pretrain_weights(root, cfg.model.variant, inputs.classes)
     except PipelineError as err:
         return ("error", str(err))
     return _converted(target, replace(inputs, weights=weights), cfg, out, chatter_log)
 
 
-def _entry(target: Target, got, chatter_log: Path, failed_log: Path, pending: dict | None = None) -> dict:
+def _died(pending: dict) -> PipelineError:
+    """A conversion process died: every model not converted by then fails with it, each named."""
+    lost = [name for name, f in pending.items() if spawned.outcome(f) == spawned.DIED]
+    return PipelineError(f"export failed: a conversion process died (killed, or crashed inside a library) "
+                         f"before {', '.join(lost)} {'was' if len(lost) == 1 else 'were'} converted")
+
+
+def _entry(target: Target, got: tuple, chatter_log: Path, failed_log: Path) -> dict:
     """The manifest entry of a converted model (and its line in the log), or its one error line."""
-    if got == spawned.DIED:  # every model not converted by then fails with it: name them all
-        lifecycle.raise_if_stopping()
-        lost = [name for name, f in pending.items() if spawned.outcome(f) == spawned.DIED]
-        raise PipelineError(f"export failed: a conversion process died (killed, or crashed inside a library) "
-                            f"before {', '.join(lost)} {'was' if len(lost) == 1 else 'were'} converted")
     if got[0] == "error":
         raise PipelineError(got[1])
     if got[0] == "failed":
@@ -290,7 +294,7 @@ def run(cfg: Config, root: Path, inputs: Inputs, srun: StageRun) -> None:
     out = outputs.dir
     failed_log = outputs.final.with_name(outputs.final.name + ".failed.log")
     failed_log.unlink(missing_ok=True)
-    models = export_all(cfg, inputs, out, failed_log)
+    models = export_all(cfg, root, inputs, out, failed_log)
     for m in models.values():  # what the latency stage verifies before it times them
         m.update({f"{key}_sha256": integrity.sha256(out / m[key]) for key in FILE_KEYS if key in m})
     (out / "census.json").write_text(json.dumps(
