@@ -6,6 +6,7 @@ import yaml
 
 from conftest import ROOT
 from pipeline.config import VARIANTS, Config, load_config, parse_config
+from pipeline.config.apply import with_dotted
 from pipeline.errors import PipelineError
 
 
@@ -60,14 +61,8 @@ def test_variants_are_timms():
     ],
 )
 def test_bad_value_names_field_and_value(path, value, needle):
-    data = base()
-    node = data
-    *parents, leaf = path.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
     with pytest.raises(PipelineError) as err:
-        parse_config(data)
+        parse_config(with_dotted(base(), {path: value}))
     assert needle in str(err.value)
     assert str(err.value).count("\n") == 0, "one clear error, not a wall"
 

@@ -253,14 +253,8 @@ def test_preset_without_data_root_is_refused():
     ("detection.train.amp", "fp8", "detection.train.amp = 'fp8'"),
 ])
 def test_bad_dense_values_name_their_field(path, value, needle):
-    data = _params()
-    node = data
-    *parents, leaf = path.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
     with pytest.raises(PipelineError) as err:
-        parse_config(data)
+        parse_config(apply.with_dotted(_params(), {path: value}))
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
