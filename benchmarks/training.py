@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import ROOT, child_result
+from benchmarks import ROOT, child_result, import_floor
 
 
 # -- the measurements, each in its own process -------------------------------------------
@@ -193,6 +193,8 @@ def p2(reps: int) -> None:
     for k, (label, _) in enumerate(parts[0]):
         seen = [p[k][1] for p in parts if p[k][1] is not None]
         print(f"    {statistics.median(seen):5.1f} s  {label}" if seen else f"      n/a  {label} (not seen)")
+    floor = import_floor("pretrain's driver", "a pretrain worker (the network: timm)", together=True)
+    print(f"P2 within the first and fourth phases, {floor}", flush=True)
 
 
 # -- P7 --------------------------------------------------------------------------------------

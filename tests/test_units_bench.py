@@ -116,3 +116,13 @@ def test_p9_compares_median_times_as_throughput():
     assert training_line == ("P9 [finetune_coco, 3 reps] training: stage (Ray Train) 44.0 s, plain Runner 36.0 s "
                              "(1.90 cores busy)")
     assert ratio_line == "P9 [finetune_coco, 3 reps] stage / plain Runner throughput: 0.818 (goal >= 0.97)"
+
+
+def test_an_import_floor_names_a_module_that_does_not_import():
+    import pytest
+
+    from benchmarks import import_seconds
+
+    with pytest.raises(SystemExit, match=r"`import json, no_such_module_here` failed: ModuleNotFoundError: "
+                                         r"No module named 'no_such_module_here'"):
+        import_seconds("json, no_such_module_here", reps=1)
