@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: fresh interpreter is the part of a stage's fixed cost that no change in this repository removes.
 IMPORTS = {
     "every stage (its MLflow run)": "mlflow",
-    "a stage that builds the network (evaluate, export)": "torch, timm, mlflow",
+    "evaluate (the network, built before its run opens)": "torch, timm, mlflow",
     "pretrain's driver": "torch, mlflow, ray.train",
     "a pretrain worker (the network: timm)": "torch, timm, mlflow, ray.train",
 }

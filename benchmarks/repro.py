@@ -55,7 +55,7 @@ def p4_p5(noop_reps: int) -> None:
         print(f"P4 outside the stages' runs (process start, imports, checks, DVC): {outside:.1f} s over "
               f"{len(stages)} stages = {outside / len(stages):.1f} s per stage (goal <= 3 s; pretrain's own "
               f"fixed cost is P2)", flush=True)
-        floor = import_floor("every stage (its MLflow run)", "a stage that builds the network (evaluate, export)")
+        floor = import_floor("every stage (its MLflow run)", "evaluate (the network, built before its run opens)")
         print(f"P4 within each stage's share outside its run, {floor}", flush=True)
         noop = [_timed(repo, "dvc", "repro") for _ in range(noop_reps)]
         print(f"P5 no-op dvc repro (default): median {statistics.median(noop):.2f} s over {noop_reps} "

@@ -26,7 +26,7 @@ P3  CPU latency of iformer_m at 224, batch 1: fused / unfused, the deploy form /
     unfused <= 0.8.
 P4  full default `dvc repro` in a fresh copy of the repo, each stage's MLflow run, and the
     time outside them per stage (process start, imports, checks), beside the libraries'
-    own import (mlflow in every stage; torch and timm too where the network is built).
+    own import (mlflow in every stage; torch and timm too in evaluate, before its run).
     Goals <= 300 s and <= 3 s per stage.
 P5  no-op `dvc repro`: the default, DVC's own start, and with a 100 k-file ImageNet-layout
     tree configured as the data set. Goal <= 1.0 s.
