@@ -42,9 +42,9 @@ def import_seconds(modules: str, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def import_floor(*roles: str, together: bool = False) -> str:
+def import_floor(*roles: str, together: bool = False, reps: int = 3) -> str:
     """One line: each role's import time (IMPORTS), and their sum when the processes run one after another."""
-    seconds = {role: import_seconds(IMPORTS[role]) for role in roles}
+    seconds = {role: import_seconds(IMPORTS[role], reps) for role in roles}
     parts = ", ".join(f"{role} ({IMPORTS[role]}) {s:.1f} s" for role, s in seconds.items())
     total = f"; one after the other {sum(seconds.values()):.1f} s" if together else ""
-    return f"the libraries' import in a fresh interpreter, median of 3: {parts}{total}"
+    return f"the libraries' import in a fresh interpreter, median of {reps}: {parts}{total}"

@@ -1,4 +1,7 @@
 """The benchmarks' own parsing and data plumbing (their figures come from `make bench`, not tests)."""
+import pytest
+
+import benchmarks
 from benchmarks import cluster, dense, timeline, training
 from pipeline.classify.datasets import Prepared
 
@@ -119,10 +122,6 @@ def test_p9_compares_median_times_as_throughput():
 
 
 def test_an_import_floor_names_a_module_that_does_not_import():
-    import pytest
-
-    from benchmarks import import_seconds
-
     with pytest.raises(SystemExit, match=r"`import json, no_such_module_here` failed: ModuleNotFoundError: "
                                          r"No module named 'no_such_module_here'"):
-        import_seconds("json, no_such_module_here", reps=1)
+        benchmarks.import_seconds("json, no_such_module_here", reps=1)
